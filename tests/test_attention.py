@@ -1,0 +1,38 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transformer.attention import attend, causal_mask, padding_mask
+
+
+def naive(q, k, v, mask):
+    """softmax(Q K^T / sqrt(d)) V per batch and head, with plain numpy loops."""
+    B, T, N, H = q.shape
+    out = np.zeros_like(q)
+    for b in range(B):
+        for n in range(N):
+            s = q[b, :, n] @ k[b, :, n].T / np.sqrt(H)
+            s = np.where(mask[b, 0], s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, n] = (p / p.sum(-1, keepdims=True)) @ v[b, :, n]
+    return out
+
+
+def test_attend_equals_naive_formula_with_causal_and_padding_masks():
+    B, T, N, H = 2, 7, 3, 5
+    q, k, v = (np.asarray(jax.random.normal(jax.random.key(i), (B, T, N, H))) for i in range(3))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    valid = jnp.array([[True] * T, [True] * 4 + [False] * 3])
+    mask = causal_mask(pos, pos) & padding_mask(valid)
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+    np.testing.assert_allclose(got, naive(q, k, v, np.asarray(mask)), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_keys_get_zero_weight():
+    B, T, N, H = 1, 4, 1, 2
+    q = jnp.ones((B, T, N, H))
+    k = jnp.ones((B, T, N, H))
+    v = jnp.arange(T, dtype=jnp.float32).reshape(1, T, 1, 1) * jnp.ones((B, T, N, H))
+    valid = jnp.array([[True, True, False, False]])
+    out = attend(q, k, v, padding_mask(valid))
+    np.testing.assert_allclose(out, 0.5)  # uniform over the two real keys (values 0 and 1)

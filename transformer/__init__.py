@@ -1,0 +1,1 @@
+"""transformer: decoder-only, encoder-decoder and encoder-only transformers in JAX / Flax NNX."""

@@ -1,0 +1,81 @@
+"""Orbax checkpoints of a run: train state (params, optimizer state, step, RNG) plus a JSON `meta` item holding the
+resolved config, the tokenizer and the data-iterator state, so one checkpoint directory is self-contained.
+
+Keeps the latest `keep` checkpoints and, in addition, the best one by validation loss. Orbax writes each step to a
+temporary directory and renames it when complete, so an interrupted save never shadows the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from transformer.config import ConfigError
+
+CKPT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, keep: int = 3, *, read_only: bool = False):
+        directory = os.path.abspath(os.path.join(run_dir, CKPT_DIR))
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=keep),
+            pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1),  # reverse: lower is better
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                               read_only=read_only, enable_async_checkpointing=not read_only)
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> None:
+        metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          metrics=metrics, force=True)
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, step: int, abstract_state) -> tuple[object, dict]:
+        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs with target shardings: what `restore` places the saved arrays onto."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_run_config(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); the run directory is damaged") from None

@@ -1,0 +1,171 @@
+"""Typed, frozen configuration.
+
+Dimension legend used in tensor names across the package (a suffix names the axes of a tensor, and einsum strings use
+the same letters):
+
+    B batch         T query length     S key / cache length    D model width
+    N heads         H head dim         F feed-forward hidden   V vocab
+    L layers        C fused-projection index (q, k, v)
+
+A `Config` is built from defaults, a preset in `configs/` and command-line overrides (see `transformer/cli.py`);
+`validate()` turns every inconsistent value into a `ConfigError` with a one-line message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """Bad user input: the CLIs print the message on one line and exit with code 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 0  # 0: 4 * d_model
+    max_len: int = 64  # context length (the block size)
+    positions: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
+    rope_theta: float = 10_000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = 1e-5
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    use_bias: bool = False
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16"] = "float32"  # activations; params and logits stay float32
+    scan_layers: bool = False  # lax.scan over stacked layers: faster compiles for deep models
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # "" = embedded default corpus; a local file or glob, or a Hugging Face hub dataset name
+    name: str = ""  # hub dataset config name
+    split: str = "train"
+    val_path: str = ""  # a separate validation file (or hub split via val_split)
+    val_split: str = ""
+    val_fraction: float = 0.1  # used when no validation data is given: the last fraction of the text
+    text_column: str = "text"
+    tokenizer: Literal["char", "sentencepiece"] = "char"
+    tokenizer_model: str = ""  # a trained sentencepiece .model; "" trains one on the training split
+    vocab_size: int = 4096  # sentencepiece vocabulary when training one
+    sp_model_type: Literal["bpe", "unigram"] = "bpe"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    schedule: Literal["cosine", "constant", "inverse_sqrt"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0: train.steps
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 12
+    grad_accum: int = 1
+    seed: int = 1337
+    run_dir: str = ""  # "" = runs/<preset name>
+    log_interval: int = 50
+    eval_interval: int = 500
+    eval_batches: int = 20
+    ckpt_interval: int = 1000
+    keep_checkpoints: int = 3
+    peak_tflops: float = 0.0  # 0: looked up from the device kind (for MFU)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    preset: str = "default"
+
+    def validate(self) -> "Config":
+        m, o, t, d = self.model, self.optim, self.train, self.data
+        _positive(m, "d_model", "n_heads", "n_layers", "max_len")
+        _positive(t, "steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_batches",
+                  "ckpt_interval", "keep_checkpoints")
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+                              "pick sizes so that d_head = d_model / n_heads is a whole number")
+        if m.positions == "rotary" and m.d_head % 2:
+            raise ConfigError(f"rotary positions need an even head dim, got d_head={m.d_head}")
+        if m.d_ff < 0 or m.vocab_size < 0:
+            raise ConfigError("model.d_ff and model.vocab_size must be >= 0 (0 means automatic)")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if o.lr <= 0 or o.min_lr < 0:
+            raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
+        if o.warmup_steps < 0 or o.decay_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, decay_steps, weight_decay and grad_clip must be >= 0")
+        if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+            raise ConfigError("optim.b1 and optim.b2 must be in [0, 1)")
+        if not 0.0 < d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+        if d.vocab_size < 8:
+            raise ConfigError(f"data.vocab_size={d.vocab_size} is too small for a sentencepiece vocabulary")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in d.items():
+            if name not in sections:
+                raise ConfigError(f"unknown config section {name!r}")
+            sub = _SECTIONS.get(name)
+            kwargs[name] = _build(sub, value) if sub else value
+        return cls(**kwargs)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+             "mesh": MeshConfig}
+
+
+def _build(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {cls.__name__}")
+    return cls(**values)
+
+
+def _positive(section, *names):
+    for n in names:
+        if getattr(section, n) <= 0:
+            kind = {ModelConfig: "model", TrainConfig: "train"}[type(section)]
+            raise ConfigError(f"{kind}.{n}={getattr(section, n)} must be > 0")

@@ -1,0 +1,238 @@
+"""Text in, batches of token blocks out.
+
+`load_texts` reads documents from the embedded default corpus, local files or the Hugging Face hub; `split_text`
+turns them into one training and one validation string; `BlockIterator` packs the token stream into next-token
+prediction blocks in a resumable, seed-determined order; `eval_batches` gives a fixed validation set.
+
+The default corpus (data.path = "") is the documentation text shipped inside Python's standard library:
+`pydoc_data.topics.topics`, the ~80 help topics that `help("if")`, `help("FORMATTING")` and friends print (the
+language reference sections on statements, operators, formatting, the data model, ...). It is about 465 KB of English
+prose with code examples, licensed with CPython (PSF License), and present wherever Python is, so a first run needs no
+download. Its documents are the topic texts in sorted key order.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import numpy as np
+
+from transformer.config import ConfigError, DataConfig
+
+DEFAULT_CORPUS = "pydoc_data.topics"
+
+# File extension -> `datasets` builder; None means read directly as UTF-8 text, one document per file.
+_BUILDERS = {".txt": None, ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# "owner/name" or a bare canonical name such as "wikitext".
+_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def default_corpus() -> list[str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data from minimal installs
+        raise ConfigError(f"the default corpus ({DEFAULT_CORPUS}) is missing from this Python; set data.path") from None
+    return [topics[k] for k in sorted(topics)]
+
+
+def load_texts(cfg: DataConfig) -> tuple[list[str], list[str] | None]:
+    """The training documents and the validation documents (None when no validation data is given)."""
+    from_hub = cfg.path != "" and not _is_local(cfg.path)
+    if cfg.path == "":
+        train = default_corpus()
+    elif from_hub:
+        train = _load_hub(cfg.path, cfg.name, cfg.split, cfg.text_column)
+    else:
+        train = _read_local(cfg.path, cfg.text_column)
+
+    if cfg.val_path:
+        return train, _read_local(cfg.val_path, cfg.text_column)
+    if cfg.val_split:
+        if not from_hub:
+            raise ConfigError("data.val_split names a split of a hub dataset; for local data set data.val_path")
+        return train, _load_hub(cfg.path, cfg.name, cfg.val_split, cfg.text_column)
+    return train, None
+
+
+def split_text(docs: list[str], val_fraction: float, val_docs: list[str] | None = None) -> tuple[str, str]:
+    """(train_text, val_text). Without validation documents, the last `val_fraction` of the characters of the joined
+    training documents is held out: a contiguous tail, so no block of validation text was seen in training."""
+    text = "\n\n".join(docs)
+    if val_docs is not None:
+        return text, "\n\n".join(val_docs)
+    cut = int(len(text) * (1.0 - val_fraction))
+    if not 0 < cut < len(text):
+        raise ConfigError(f"cannot hold out data.val_fraction={val_fraction} of {len(text)} characters; "
+                          "give more text or a separate data.val_path")
+    return text[:cut], text[cut:]
+
+
+class BlockIterator:
+    """Endless batches of (x_BT, y_BT) blocks of a token stream, y being x shifted by one token.
+
+    Epoch e starts the blocks at a random offset o in [0, T) (so block boundaries move between epochs) and visits
+    them in a random order; both come from np.random.default_rng([seed, epoch]), so the order is a pure function of
+    (seed, epoch) and the position is just (epoch, index): `state()` / `restore()` resume exactly.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
+        self.tokens = np.asarray(tokens, np.int32)
+        if self.tokens.ndim != 1:
+            raise ConfigError(f"BlockIterator wants a 1-D token stream, got shape {self.tokens.shape}")
+        if len(self.tokens) < block_size + 1:
+            raise ConfigError(f"the block size T={block_size} is longer than the whole dataset ({len(self.tokens)} "
+                              "tokens); lower model.max_len or give more data")
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.epoch, self.index = 0, 0  # index: blocks of this epoch's permutation already served
+        self._plan_epoch = None
+
+    def _plan(self, epoch: int) -> tuple[int, np.ndarray]:
+        """(offset, block permutation) of an epoch, cached because it costs O(n_blocks) to draw."""
+        if self._plan_epoch != epoch:
+            T, n = self.block_size, len(self.tokens)
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(min(T, n - T)))  # clipped on tiny data so an epoch has at least one block
+            self._plan_epoch, self._offset, self._perm = epoch, offset, rng.permutation((n - 1 - offset) // T)
+        return self._offset, self._perm
+
+    def blocks_in_epoch(self, epoch: int) -> int:
+        return len(self._plan(epoch)[1])
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        starts, need = [], self.batch_size
+        while need:  # a batch may run over the end of an epoch into the next one
+            offset, perm = self._plan(self.epoch)
+            take = perm[self.index:self.index + need]
+            starts.append(offset + take * self.block_size)
+            self.index += len(take)
+            need -= len(take)
+            if self.index == len(perm):
+                self.epoch, self.index = self.epoch + 1, 0
+        return _gather(self.tokens, np.concatenate(starts), self.block_size)
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> "BlockIterator":
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < self.blocks_in_epoch(epoch):
+            raise ConfigError(f"data iterator state {state} does not fit this dataset; was the data or "
+                              "model.max_len changed since the checkpoint?")
+        self.epoch, self.index = epoch, index
+        return self
+
+
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int,
+                 n_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed evaluation set: the first n_batches * batch_size non-overlapping blocks from offset 0, in order.
+
+    With fewer blocks, as many full batches as fit; with fewer blocks than one batch, a single batch that repeats
+    the blocks cyclically (batch shapes stay fixed for the jitted eval step; the loss is then a slightly uneven
+    average of every block).
+    """
+    tokens = np.asarray(tokens, np.int32)
+    n_blocks = (len(tokens) - 1) // block_size
+    if n_blocks == 0:
+        raise ConfigError(f"the validation set ({len(tokens)} tokens) is shorter than one block of "
+                          f"T={block_size} + 1 tokens; lower model.max_len or give more validation data")
+    n_full = min(n_batches, n_blocks // batch_size)
+    if n_full == 0:
+        return [_gather(tokens, np.arange(batch_size) % n_blocks * block_size, block_size)]
+    starts_NB = np.arange(n_full * batch_size).reshape(n_full, batch_size) * block_size
+    return [_gather(tokens, s, block_size) for s in starts_NB]
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    window = tokens[starts[:, None] + np.arange(T + 1)]  # one gather for both x and y
+    return window[:, :-1], window[:, 1:]
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _is_local(path: str) -> bool:
+    """Anything that exists, is a glob, has a data-file extension or is not shaped like a hub name is local."""
+    return (os.path.exists(os.path.expanduser(path)) or any(c in path for c in "*?[") or _ext(path) in _BUILDERS
+            or not _HUB_NAME.match(path))
+
+
+def _local_files(pattern: str) -> list[str]:
+    pattern = os.path.expanduser(pattern)
+    if any(c in pattern for c in "*?["):
+        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise ConfigError(f"no data files match {pattern}")
+        return files
+    if os.path.isdir(pattern):
+        raise ConfigError(f"data path {pattern} is a directory; give a file or a glob such as {pattern}/*.txt")
+    if not os.path.isfile(pattern):
+        raise ConfigError(f"data file {pattern} not found")
+    return [pattern]
+
+
+def _read_local(pattern: str, column: str) -> list[str]:
+    files = _local_files(pattern)
+    exts = sorted({_ext(f) for f in files})
+    unsupported = [e for e in exts if e not in _BUILDERS]
+    if unsupported:
+        raise ConfigError(f"unsupported data file type {unsupported[0] or '(no extension)'!r} in {pattern}; "
+                          f"use one of {', '.join(_BUILDERS)}")
+    builders = {_BUILDERS[e] for e in exts}
+    if len(builders) > 1:
+        raise ConfigError(f"{pattern} mixes file types {exts}; use one format")
+    builder = builders.pop()
+    if builder is None:  # plain text: read as is (no datasets cache, no splitting into lines)
+        return _nonempty([_read_txt(f) for f in files], pattern)
+    import datasets  # slow to import; only needed here and for the hub
+
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as e:  # malformed files surface as assorted pyarrow / datasets errors
+        raise ConfigError(f"could not read {pattern}: {type(e).__name__}: {_first_line(e)}") from None
+    return _text_column(ds, column, pattern)
+
+
+def _read_txt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines: \r\n becomes \n
+            return f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"data file {path} is not UTF-8 text") from None
+
+
+def _load_hub(path: str, name: str, split: str, column: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, name or None, split=split)
+    except Exception as e:  # no network, unknown name, bad split, ...: all one-line user errors
+        raise ConfigError(f"could not load {path!r} (split {split!r}) from the Hugging Face hub and it is not a local "
+                          f"file: {type(e).__name__}: {_first_line(e)}") from None
+    return _text_column(ds, column, path)
+
+
+def _text_column(ds, column: str, source: str) -> list[str]:
+    if column not in ds.column_names:
+        raise ConfigError(f"{source} has no column {column!r} (data.text_column); available columns: "
+                          f"{', '.join(ds.column_names)}")
+    docs = [t for t in ds[column] if t]  # drop empty and missing cells
+    if not all(isinstance(t, str) for t in docs):
+        raise ConfigError(f"column {column!r} of {source} does not hold text; set data.text_column")
+    return _nonempty(docs, source)
+
+
+def _nonempty(docs: list[str], source: str) -> list[str]:
+    if not any(docs):
+        raise ConfigError(f"no text in {source}")
+    return docs
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]

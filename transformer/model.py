@@ -1,0 +1,107 @@
+"""Transformer models built from one set of blocks.
+
+`Block` is the unit every family shares: self-attention, optional cross-attention, feed-forward, each wrapped in a
+residual connection with pre-norm (x + f(norm(x))) or post-norm ("Add & Norm": norm(x + f(x))).
+`DecoderLM` is the decoder-only (GPT) language model.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer.attention import Attention, causal_mask
+from transformer.config import ModelConfig
+from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dense, dropout, normal, param
+
+
+def split_key(key, n: int):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs):
+        self.pre_norm = cfg.norm_position == "pre"
+        self.dropout_rate = cfg.dropout
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        if cross:
+            self.cross_norm = Norm(cfg, rngs=rngs)
+            self.cross_attn = Attention(cfg, cross=True, rngs=rngs)
+        else:
+            self.cross_norm = self.cross_attn = None
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def _residual(self, x, norm, sublayer, key):
+        if self.pre_norm:
+            return x + dropout(sublayer(norm(x)), self.dropout_rate, key)
+        return norm(x + dropout(sublayer(x), self.dropout_rate, key))
+
+    def __call__(self, x_BTD, *, mask_B1TS, positions_BT, context_BSD=None, context_mask_B1TS=None,
+                 dropout_key=None):
+        k = split_key(dropout_key, 5)
+        x_BTD = self._residual(
+            x_BTD, self.attn_norm,
+            lambda h: self.attn(h, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=k[0]), k[1])
+        if self.cross_attn is not None:
+            x_BTD = self._residual(
+                x_BTD, self.cross_norm,
+                lambda h: self.cross_attn(h, mask_B1TS=context_mask_B1TS, context_BSD=context_BSD), k[2])
+        return self._residual(x_BTD, self.mlp_norm, self.mlp, k[3])
+
+
+class DecoderLM(nnx.Module):
+    """Decoder-only causal language model: tokens -> next-token logits (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        assert cfg.vocab_size > 0, "set model.vocab_size (train.py takes it from the tokenizer)"
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+        self.positions = AbsolutePositions(cfg, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        # Post-norm blocks already end in a norm; pre-norm stacks need one before the unembedding.
+        self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
+        self.unembed_DV = None if cfg.tie_embeddings else param(
+            rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens_BT, *, positions_BT=None, dropout_key=None):
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        keys = split_key(dropout_key, cfg.n_layers + 1)
+        x_BTD = self.embed(tokens_BT, DTYPES[cfg.dtype])
+        pos_BTD = self.positions(positions_BT)
+        if pos_BTD is not None:
+            x_BTD = x_BTD + pos_BTD.astype(x_BTD.dtype)
+        x_BTD = dropout(x_BTD, cfg.dropout, keys[-1])
+        mask_B1TS = causal_mask(positions_BT, positions_BT)
+        for block, key in zip(self.blocks, keys):
+            x_BTD = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=key)
+        if self.final_norm is not None:
+            x_BTD = self.final_norm(x_BTD)
+        if self.unembed_DV is None:
+            return self.embed.attend(x_BTD)
+        return dense(x_BTD.astype(jnp.float32), self.unembed_DV[...])
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def analytic_param_count(cfg: ModelConfig) -> int:
+    """Closed-form parameter count of `DecoderLM(cfg)`; a test checks it against the built model."""
+    D, F, V, L = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.n_layers
+    bias = cfg.use_bias
+    norm = D * (2 if bias and cfg.norm == "layernorm" else 1)
+    attn = 4 * D * D + (4 * D if bias else 0)
+    mlp = (3 if cfg.activation == "swiglu" else 2) * D * F
+    if bias:
+        mlp += D + (0 if cfg.activation == "swiglu" else F)
+    block = attn + mlp + 2 * norm
+    total = V * D + L * block
+    total += cfg.max_len * D if cfg.positions == "learned" else 0
+    total += norm if cfg.norm_position == "pre" else 0
+    total += 0 if cfg.tie_embeddings else D * V
+    return total

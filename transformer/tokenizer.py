@@ -1,0 +1,205 @@
+"""Tokenizers: characters, or a sentencepiece BPE / unigram model trained in memory.
+
+Both map `str -> int32 ids -> str` and serialise to a small JSON dict, so a run directory carries its own
+tokenizer (`save_tokenizer` / `load_tokenizer`) and sampling never depends on the training corpus being around.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import numpy as np
+import sentencepiece as spm
+
+from transformer.config import ConfigError, DataConfig
+
+# Text <-> an array of code points in one C call each way; "surrogatepass" so no Python str is unencodable.
+_UTF32 = "utf-32-le"
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(_UTF32, "surrogatepass"), np.uint32)
+
+
+class CharTokenizer:
+    """One id per distinct character of the training text; ids follow code-point order."""
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise ConfigError("cannot build a char tokenizer from empty text")
+        self._codepoints = np.unique(_codepoints(chars))  # sorted, so encode can binary-search it
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def chars(self) -> str:
+        return self._codepoints.tobytes().decode(_UTF32, "surrogatepass")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._codepoints)
+
+    # Character streams have no special tokens: training packs raw text and sampling stops on length.
+    eos_id = bos_id = pad_id = None
+
+    def encode(self, text: str) -> np.ndarray:
+        cp = _codepoints(text)
+        ids = np.searchsorted(self._codepoints, cp)
+        found = self._codepoints[np.minimum(ids, self.vocab_size - 1)] == cp
+        if not found.all():
+            bad = chr(cp[np.argmin(found)])
+            raise ConfigError(f"character {bad!r} is not in the vocabulary: the char tokenizer never saw it in the "
+                              "training text")
+        return ids.astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return self._codepoints[np.asarray(ids, np.int64)].tobytes().decode(_UTF32, "surrogatepass")
+
+    def to_json(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model held as its serialised proto (so it round-trips through JSON without a file).
+
+    Models trained here encode any text exactly: identity normalisation (the default NFKC rule turns newlines into
+    spaces and folds runs of spaces), byte fallback for unseen characters, and "\\n" as a user-defined piece. Training
+    sees lines, so no learned piece spans a newline; `encode` encodes the lines in one batched call (several times
+    faster than one long input) and joins them with the "\\n" id, hence no dummy prefix (it would add a space after
+    every newline). A model loaded with `from_file` keeps its own normalisation; if it has no "\\n" piece, newlines
+    are lost (its dummy prefix usually leaves a space in their place).
+    """
+
+    def __init__(self, model_proto: bytes):
+        self._proto = bytes(model_proto)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self._proto)
+        except RuntimeError as e:
+            raise ConfigError(f"not a valid sentencepiece model ({_first_line(e)})") from None
+        newline_id = self._sp.piece_to_id("\n")  # the unk id when there is no such piece
+        self._newline_id = newline_id if self._sp.id_to_piece(newline_id) == "\n" else None
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, model_type: str = "bpe") -> "SentencePieceTokenizer":
+        lines = [line for line in text.split("\n") if line]
+        if not lines:
+            raise ConfigError("cannot train a sentencepiece tokenizer on empty text")
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+                pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=["\n"], byte_fallback=True,
+                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+                hard_vocab_limit=False,  # a small corpus yields a smaller vocabulary instead of an error
+                input_sentence_size=2_000_000, shuffle_input_sentence=True,  # bounds time and memory on big corpora
+                minloglevel=2)
+        except RuntimeError as e:  # e.g. a vocabulary smaller than the 256 byte pieces + the corpus's characters
+            raise ConfigError(f"sentencepiece training with vocab_size={vocab_size} failed: {_reason(e)}") from None
+        return cls(model.getvalue())
+
+    @classmethod
+    def from_file(cls, path: str) -> "SentencePieceTokenizer":
+        if not os.path.isfile(path):
+            raise ConfigError(f"sentencepiece model {path} not found")
+        with open(path, "rb") as f:
+            proto = f.read()
+        try:
+            return cls(proto)
+        except ConfigError:
+            raise ConfigError(f"{path} is not a valid sentencepiece model") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int | None:
+        return _optional_id(self._sp.eos_id())
+
+    @property
+    def bos_id(self) -> int | None:
+        return _optional_id(self._sp.bos_id())
+
+    @property
+    def pad_id(self) -> int | None:
+        return _optional_id(self._sp.pad_id())
+
+    def encode(self, text: str) -> np.ndarray:
+        lines = self._sp.encode(text.split("\n"))
+        sep = [] if self._newline_id is None else [self._newline_id]
+        ids = [i for line in lines for i in line + sep]
+        return np.asarray(ids[:len(ids) - len(sep)], np.int32)  # no separator after the last line
+
+    def decode(self, ids) -> str:
+        return self._sp.decode(np.asarray(ids).tolist())
+
+    def to_json(self) -> dict:
+        return {"type": "sentencepiece", "model": base64.b64encode(self._proto).decode("ascii")}
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer
+
+
+def tokenizer_from_json(d: dict) -> Tokenizer:
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(d["model"], validate=True))
+    raise ConfigError(f"unknown tokenizer type {kind!r}")
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_tokenizer(tok: Tokenizer, run_dir: str) -> str:
+    """Write run_dir/tokenizer.json atomically (a crash mid-write never leaves a truncated file)."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, TOKENIZER_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(tok.to_json(), f)
+    os.replace(tmp, path)
+    return path
+
+
+def load_tokenizer(run_dir: str) -> Tokenizer:
+    path = os.path.join(run_dir, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no tokenizer in {run_dir} ({path} not found)")
+    try:
+        with open(path) as f:
+            return tokenizer_from_json(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:  # ConfigError is a ValueError; so are JSON and base64 errors
+        raise ConfigError(f"{path} is corrupt ({_first_line(e)})") from None
+
+
+def build_tokenizer(cfg: DataConfig, train_text: str, val_text: str = "") -> Tokenizer:
+    """A char alphabet covers the validation text too (it reveals only the symbol set, and an unseen val character
+    would otherwise be unencodable); sentencepiece learns its pieces from the training text alone."""
+    if cfg.tokenizer == "char":
+        return CharTokenizer.train(train_text + val_text)
+    if cfg.tokenizer == "sentencepiece":
+        if cfg.tokenizer_model:
+            return SentencePieceTokenizer.from_file(cfg.tokenizer_model)
+        return SentencePieceTokenizer.train(train_text, cfg.vocab_size, cfg.sp_model_type)
+    raise ConfigError(f"unknown data.tokenizer={cfg.tokenizer!r}; use 'char' or 'sentencepiece'")
+
+
+def _optional_id(i: int) -> int | None:
+    return None if i < 0 else i  # sentencepiece reports a disabled special piece as -1
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _reason(e: Exception) -> str:
+    # Drop sentencepiece's "INTERNAL: src/file.cc(123) [check]" prefix and keep the human-readable part.
+    line = _first_line(e)
+    return line.rsplit("] ", 1)[-1].strip() or line

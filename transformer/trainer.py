@@ -1,0 +1,278 @@
+"""The training run: prepare data and tokenizer, build or restore the state, loop, evaluate, checkpoint.
+
+Everything with side effects lives here (files, signals, progress); the math is in `training.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from transformer import sharding
+from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
+from transformer.config import Config, ConfigError
+from transformer.data import BlockIterator, eval_batches, load_texts, split_text
+from transformer.model import DecoderLM
+from transformer.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+from transformer.training import (flops_per_token, init_state, lr_schedule, make_optimizer, make_steps,
+                                  peak_tflops)
+
+METRICS_FILE = "metrics.jsonl"
+TOKENS_DIR = "tokens"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message says which step and which checkpoint is intact."""
+
+
+def run_dir_of(cfg: Config) -> str:
+    return cfg.train.run_dir or os.path.join("runs", cfg.preset)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+def prepare_data(cfg: Config, run_dir: str) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    """Tokenizer and token streams; cached in the run dir so a resumed run trains on exactly the same tokens."""
+    tok_dir = os.path.join(run_dir, TOKENS_DIR)
+    train_path, val_path = os.path.join(tok_dir, "train.npy"), os.path.join(tok_dir, "val.npy")
+    if all(os.path.exists(p) for p in (train_path, val_path, os.path.join(run_dir, "tokenizer.json"))):
+        return load_tokenizer(run_dir), np.load(train_path), np.load(val_path)
+    docs, val_docs = load_texts(cfg.data)
+    train_text, val_text = split_text(docs, cfg.data.val_fraction, val_docs)
+    tok = build_tokenizer(cfg.data, train_text, val_text)
+    train_tokens, val_tokens = tok.encode(train_text), tok.encode(val_text)
+    os.makedirs(tok_dir, exist_ok=True)
+    for path, arr in ((train_path, train_tokens), (val_path, val_tokens)):
+        tmp = f"{path}.tmp{os.getpid()}.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    save_tokenizer(tok, run_dir)
+    return tok, train_tokens, val_tokens
+
+
+def check_run_dir(cfg: Config, run_dir: str) -> None:
+    """An existing run dir must hold the same model and data, or resuming would silently mix two experiments."""
+    saved = read_run_config(run_dir)
+    if saved is None:
+        return
+    for section in ("model", "data"):
+        ours = dataclasses.asdict(getattr(cfg, section))
+        theirs = dict(saved.get(section, {}))
+        if section == "model":
+            ours.pop("vocab_size"), theirs.pop("vocab_size", None)  # derived from the tokenizer
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"run dir {run_dir} holds a different {section} ({section}.{k}={theirs.get(k)!r}, "
+                              f"now {ours.get(k)!r}); use another --train.run_dir or delete that directory")
+
+
+# ------------------------------------------------------------------------------------------------------- logging
+
+class Progress:
+    """tqdm bar on a terminal (or when asked), a plain line per log interval otherwise; always a JSONL file."""
+
+    def __init__(self, cfg: Config, run_dir: str, start: int, is_main: bool):
+        self.is_main = is_main
+        self.jsonl = open(os.path.join(run_dir, METRICS_FILE), "a") if is_main else None
+        self.bar = None
+        if is_main and cfg.train.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict, message: str, permanent: bool = False) -> None:
+        """Append the record to the JSONL file; show the message in the bar, or as its own line if permanent."""
+        if not self.is_main:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.bar is not None and not permanent:
+            self.bar.set_postfix_str(message, refresh=False)
+        else:
+            self.write(f"step {record['step']}: {message}")
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+class StopFlag:
+    """SIGTERM (preemption) and Ctrl-C set a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+def build_state(cfg: Config, mesh):
+    """Graph, sharded train state created directly on the devices (never whole on one host), and its shardings."""
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+    def create():
+        model = DecoderLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        return init_state(model, tx, cfg.train.seed)[1]
+
+    abstract = jax.eval_shape(create)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0))))
+    shardings = sharding.tree_shardings(abstract, mesh)
+    return graphdef, tx, abstract, shardings, jax.jit(create, out_shardings=shardings)
+
+
+def evaluate(eval_step, params, batches, batch_sharding) -> float:
+    losses = [eval_step(params, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding))
+              for x, y in batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    """Train (or continue) the run in `cfg.train.run_dir`. Returns the final metrics."""
+    run_dir = run_dir_of(cfg)
+    is_main = jax.process_index() == 0
+    check_run_dir(cfg, run_dir)
+    mesh = sharding.make_mesh(cfg.mesh)
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % n_batch_shards:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the data x fsdp mesh size "
+                          f"{n_batch_shards}")
+    ckpt = Checkpointer(run_dir, cfg.train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if resume and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}; drop --resume to start a new run there")
+    os.makedirs(run_dir, exist_ok=True)
+
+    tok, train_tokens, val_tokens = prepare_data(cfg, run_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)).validate()
+    T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
+    batches = BlockIterator(train_tokens, T, B * A, cfg.train.seed)
+    val_set = eval_batches(val_tokens, T, B, cfg.train.eval_batches)
+    if is_main:
+        write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
+
+    graphdef, tx, abstract, shardings, create = build_state(cfg, mesh)
+    train_step, eval_step = make_steps(graphdef, tx, cfg, mesh, shardings)
+    if latest is not None:
+        try:
+            state, meta = ckpt.restore(latest, abstract_like(abstract, shardings))
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {latest} in {run_dir} does not match this configuration "
+                              f"({str(e).strip().splitlines()[0]}); use another --train.run_dir") from None
+        batches.restore(meta["data_state"])
+    else:
+        state = create()
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    start = int(jax.device_get(state["step"]))
+
+    def meta():
+        return {"config": cfg.to_dict(), "data_state": batches.state(), "tokenizer": tok.to_json()}
+
+    progress = Progress(cfg, run_dir, start, is_main)
+    progress.write(f"{cfg.preset}: {n_params:,} parameters, vocab {tok.vocab_size}, {len(train_tokens):,} train / "
+                   f"{len(val_tokens):,} val tokens, {jax.device_count()} {jax.devices()[0].platform} device(s) "
+                   f"mesh {dict(mesh.shape)}, run dir {run_dir}"
+                   + (f", resuming at step {start}" if latest is not None else ""))
+    batch3 = sharding.batch_sharding(mesh, 3)
+    batch2 = sharding.batch_sharding(mesh, 2)
+    schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
+    flops_tok = flops_per_token(cfg, n_params)
+    peak = peak_tflops(cfg) * 1e12 * jax.device_count()
+    last_good = latest
+    result = {"step": start}
+    pending, t_last, step_last = [], time.perf_counter(), start
+
+    def check_finite(step):
+        nonlocal pending
+        losses = [float(m["loss"]) for m in jax.device_get(pending)]
+        pending = []
+        if not all(map(math.isfinite, losses)):
+            where = f"the last good checkpoint (step {last_good}) is intact" if last_good is not None else \
+                "no checkpoint was written"
+            raise TrainingDiverged(f"loss became {losses[-1]} by step {step}; stopping: {where}. "
+                                   "Lower optim.lr, raise optim.warmup_steps or check the data")
+        return losses
+
+    def save(step, val_loss=None):
+        nonlocal last_good
+        ckpt.save(step, state, meta(), val_loss)
+        last_good = step
+
+    with StopFlag() as stop:
+        try:
+            for step in range(start + 1, cfg.train.steps + 1):
+                x, y = batches.next()
+                x = jax.device_put(x.reshape(A, B, T), batch3)
+                y = jax.device_put(y.reshape(A, B, T), batch3)
+                state, metrics = train_step(state, x, y)
+                pending.append(metrics)
+                final = step == cfg.train.steps
+                if step % cfg.train.log_interval == 0 or final or stop.signal:
+                    last_metrics = jax.device_get(metrics)
+                    losses = check_finite(step)
+                    now = time.perf_counter()
+                    tok_s = (step - step_last) * A * B * T / (now - t_last)
+                    t_last, step_last = now, step
+                    record = {"step": step, "loss": losses[-1], "grad_norm": float(last_metrics["grad_norm"]),
+                              "lr": float(schedule(step - 1)), "tokens_per_s": tok_s,
+                              "mfu": flops_tok * tok_s / peak if peak else None, "time": time.time()}
+                    result.update(record)
+                    mfu = f" mfu {record['mfu']:.1%}" if peak else ""
+                    progress.log(record, f"loss {losses[-1]:.4f} {tok_s:,.0f} tok/s{mfu}")
+                val_loss = None
+                if step % cfg.train.eval_interval == 0 or final:
+                    t0 = time.perf_counter()
+                    val_loss = evaluate(eval_step, state["params"], val_set, batch2)
+                    t_last += time.perf_counter() - t0  # evaluation time is not training throughput
+                    record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                              "time": time.time()}
+                    result.update(record)
+                    progress.log(record, f"val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}", permanent=True)
+                if step % cfg.train.ckpt_interval == 0 or final or stop.signal:
+                    check_finite(step)
+                    save(step, val_loss)
+                progress.advance(1)
+                result["step"] = step
+                if stop.signal:
+                    progress.write(f"{stop.signal}: saved a checkpoint at step {step} in {run_dir}; "
+                                   "re-run the same command to resume")
+                    result["stopped_by"] = stop.signal
+                    break
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            progress.close()
+    return result
+

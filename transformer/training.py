@@ -1,0 +1,126 @@
+"""Optimizer, learning-rate schedules, and the pure jitted train / eval steps.
+
+The train state is a plain dict pytree: {"params", "opt_state", "step", "rng"}. The model graph is split once; the
+steps merge it with the params inside the traced function, so jit sees only arrays.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from transformer import sharding
+from transformer.config import Config, OptimConfig
+
+
+def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = max(o.warmup_steps, 1)
+    if o.schedule == "cosine":
+        decay = o.decay_steps or total_steps
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(decay, warmup + 1), o.min_lr)
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)],
+                                    [warmup])
+    if o.schedule == "inverse_sqrt":  # the original Transformer's schedule, peaking at o.lr after warmup
+        return lambda step: o.lr * jnp.minimum((step + 1) / warmup, jnp.sqrt(warmup / jnp.maximum(step + 1, 1)))
+    raise ValueError(o.schedule)
+
+
+def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    # Decay matrices only (not norms, biases): the usual AdamW recipe (nanoGPT, GPT-2, BERT).
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=decay_mask)
+    # Same chain structure with or without clipping, so a run can be resumed with clipping switched.
+    clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
+
+
+def cross_entropy(logits_BTV, labels_BT, weights_BT=None):
+    """Mean token cross-entropy in float32; `weights_BT` (0/1) drops padding or unselected positions."""
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), labels_BT)
+    if weights_BT is None:
+        return losses_BT.mean()
+    return (losses_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    return graphdef, state
+
+
+def state_shardings(state, mesh):
+    return sharding.tree_shardings(state, mesh)
+
+
+def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, shardings) -> tuple[Callable, Callable]:
+    """Returns (train_step, eval_step), both jitted with explicit shardings; train_step donates the state."""
+    use_dropout = cfg.model.dropout > 0
+
+    def loss_fn(params, x_BT, y_BT, key):
+        model = nnx.merge(graphdef, params)
+        logits_BTV = model(x_BT, dropout_key=key if use_dropout else None)
+        return cross_entropy(logits_BTV, y_BT)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state, x_ABT, y_ABT):
+        # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call.
+        params, step = state["params"], state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        if x_ABT.shape[0] == 1:
+            loss, grads = grad_fn(params, x_ABT[0], y_ABT[0], key)
+        else:
+            def micro(carry, inputs):
+                x_BT, y_BT, i = inputs
+                loss, grads = grad_fn(params, x_BT, y_BT, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            idx = jnp.arange(x_ABT.shape[0])
+            (loss, grads), _ = jax.lax.scan(micro, zero, (x_ABT, y_ABT, idx))
+            loss, grads = jax.tree.map(lambda g: g / x_ABT.shape[0], (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1,
+                     "rng": state["rng"]}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    def eval_step(params, x_BT, y_BT):
+        return loss_fn(params, x_BT, y_BT, None)
+
+    batch3 = sharding.batch_sharding(mesh, 3)
+    batch2 = sharding.batch_sharding(mesh, 2)
+    repl = sharding.replicated(mesh)
+    train = jax.jit(train_step, in_shardings=(shardings, batch3, batch3), out_shardings=(shardings, repl),
+                    donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], batch2, batch2), out_shardings=repl)
+    return train, evaluate
+
+
+def flops_per_token(cfg: Config, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 N for the weights plus 12 L T D for attention scores."""
+    m = cfg.model
+    n_nonembed = n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 0)
+    n_nonembed -= m.max_len * m.d_model if m.positions == "learned" else 0
+    # The tied unembedding is a real matmul every step: count it back in.
+    return 6 * (n_nonembed + m.vocab_size * m.d_model) + 12 * m.n_layers * m.max_len * m.d_model
+
+
+# Peak dense TFLOP/s per chip for MFU, bf16 unless noted; override with --train.peak_tflops.
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0, "a10": 125.0, "v100": 125.0,
+               "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0,
+               "cpu": 0.5}  # cpu: ~fp32 matmul peak of a few-core VM, measured on this project's 2-core machines
+
+
+def peak_tflops(cfg: Config) -> float:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops
+    kind = jax.devices()[0].device_kind.lower()
+    for name, value in PEAK_TFLOPS.items():
+        if name in kind:
+            return value
+    return PEAK_TFLOPS["cpu"] if jax.devices()[0].platform == "cpu" else 0.0
