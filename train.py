@@ -11,11 +11,15 @@ import sys
 
 from transformer.cli import die, parse_args, quiet_jax_logs
 
+quiet_jax_logs()  # before jax is imported
+
+import jax  # noqa: E402
+
+from transformer.config import ConfigError  # noqa: E402
+from transformer.trainer import TrainingDiverged, run_dir_of, train  # noqa: E402
+
 
 def main(argv: list[str]) -> int:
-    quiet_jax_logs()
-    from transformer.config import ConfigError
-    from transformer.trainer import TrainingDiverged, train
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -28,7 +32,22 @@ def main(argv: list[str]) -> int:
         die(str(e), code=1)
     if "val_loss" in result:
         print(f"done: step {result['step']}, val loss {result['val_loss']:.4f}")
+    if cfg.train.sample_tokens and not result.get("stopped_by") and jax.process_index() == 0:
+        print_sample(run_dir_of(cfg), cfg.train.sample_tokens, cfg.train.seed)
     return 0
+
+
+def print_sample(run_dir: str, n_tokens: int, seed: int) -> None:
+    """A short sample from the checkpoint just written: the run dir alone is enough to generate."""
+    from transformer.loading import load_run
+    from transformer.sampling import Sampler, generate
+    run = load_run(run_dir)
+    tok = run.tokenizer
+    prompt = tok.encode("\n").tolist() or [tok.bos_id or 0]
+    out = generate(run.graphdef, run.params, [prompt], max_new_tokens=n_tokens, max_len=run.cfg.model.max_len,
+                   sampler=Sampler(temperature=0.8), key=jax.random.key(seed), eos_id=tok.eos_id)
+    print(f"--- sample ({n_tokens} tokens, temperature 0.8; more with: python sample.py --checkpoint {run_dir}) ---")
+    print(tok.decode(out.tokens[0]).strip("\n"))
 
 
 if __name__ == "__main__":

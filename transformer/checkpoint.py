@@ -1,5 +1,6 @@
-"""Orbax checkpoints of a run: train state (params, optimizer state, step, RNG) plus a JSON `meta` item holding the
-resolved config, the tokenizer and the data-iterator state, so one checkpoint directory is self-contained.
+"""Orbax checkpoints of a run, three items per step: `params`, `train` (optimizer state, step, RNG) and a JSON `meta`
+holding the resolved config, the tokenizer and the data-iterator state, so one checkpoint directory is
+self-contained, and sampling restores the params alone.
 
 Keeps the latest `keep` checkpoints and, in addition, the best one by validation loss. Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save never shadows the last good checkpoint.
@@ -28,7 +29,7 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                                read_only=read_only, enable_async_checkpointing=not read_only)
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("params", "train", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -38,7 +39,9 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> None:
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        train = {k: v for k, v in state.items() if k != "params"}
+        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                                                        train=ocp.args.StandardSave(train),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics=metrics, force=True)
 
@@ -47,9 +50,15 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 meta=ocp.args.JsonRestore()))
-        return out.state, out.meta
+        train = {k: v for k, v in abstract_state.items() if k != "params"}
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]), train=ocp.args.StandardRestore(train),
+            meta=ocp.args.JsonRestore()))
+        return {"params": out.params, **out.train}, out.meta
+
+    def restore_params(self, step: int, abstract_params):
+        return self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params))).params
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

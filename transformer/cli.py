@@ -115,3 +115,5 @@ def die(message: str, code: int = 2) -> typing.NoReturn:
 
 def quiet_jax_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging  # orbax reports routine events (read-only managers, ...) as warnings
+    logging.set_verbosity(logging.ERROR)

@@ -93,6 +93,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     peak_tflops: float = 0.0  # 0: looked up from the device kind (for MFU)
     progress: bool = True
+    sample_tokens: int = 200  # after training, print a sample of this many tokens (0: none)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer.attention import Attention, causal_mask
+from transformer.attention import Attention, causal_mask, init_kv_cache
 from transformer.config import ModelConfig
 from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dense, dropout, normal, param
 
@@ -39,16 +39,27 @@ class Block(nnx.Module):
         return norm(x + dropout(sublayer(x), self.dropout_rate, key))
 
     def __call__(self, x_BTD, *, mask_B1TS, positions_BT, context_BSD=None, context_mask_B1TS=None,
-                 dropout_key=None):
+                 dropout_key=None, cache=None, cache_index=None):
+        """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given."""
         k = split_key(dropout_key, 5)
-        x_BTD = self._residual(
-            x_BTD, self.attn_norm,
-            lambda h: self.attn(h, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=k[0]), k[1])
+        new_cache = None
+
+        def self_attention(h):
+            nonlocal new_cache
+            out = self.attn(h, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=k[0], cache=cache,
+                            cache_index=cache_index)
+            if cache is None:
+                return out
+            out, new_cache = out
+            return out
+
+        x_BTD = self._residual(x_BTD, self.attn_norm, self_attention, k[1])
         if self.cross_attn is not None:
             x_BTD = self._residual(
                 x_BTD, self.cross_norm,
                 lambda h: self.cross_attn(h, mask_B1TS=context_mask_B1TS, context_BSD=context_BSD), k[2])
-        return self._residual(x_BTD, self.mlp_norm, self.mlp, k[3])
+        x_BTD = self._residual(x_BTD, self.mlp_norm, self.mlp, k[3])
+        return x_BTD if cache is None else (x_BTD, new_cache)
 
 
 class DecoderLM(nnx.Module):
@@ -65,25 +76,44 @@ class DecoderLM(nnx.Module):
         self.unembed_DV = None if cfg.tie_embeddings else param(
             rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    def __call__(self, tokens_BT, *, positions_BT=None, dropout_key=None):
+    def __call__(self, tokens_BT, *, positions_BT=None, mask_B1TS=None, dropout_key=None, cache=None,
+                 cache_index=None):
+        """Next-token logits (float32).
+
+        Full forward by default: positions 0..T-1 and a causal mask. For decoding pass `cache` (from
+        `init_cache`), the slot `cache_index` where these T tokens go, their `positions_BT`, and `mask_B1TS` over the
+        cache slots; it then returns (logits, new_cache).
+        """
         cfg = self.cfg
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if mask_B1TS is None:
+            mask_B1TS = causal_mask(positions_BT, positions_BT)
         keys = split_key(dropout_key, cfg.n_layers + 1)
         x_BTD = self.embed(tokens_BT, DTYPES[cfg.dtype])
         pos_BTD = self.positions(positions_BT)
         if pos_BTD is not None:
             x_BTD = x_BTD + pos_BTD.astype(x_BTD.dtype)
         x_BTD = dropout(x_BTD, cfg.dropout, keys[-1])
-        mask_B1TS = causal_mask(positions_BT, positions_BT)
-        for block, key in zip(self.blocks, keys):
-            x_BTD = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=key)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x_BTD = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=keys[i])
+            else:
+                x_BTD, layer_cache = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, cache=cache[i],
+                                           cache_index=cache_index)
+                new_cache.append(layer_cache)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
         if self.unembed_DV is None:
-            return self.embed.attend(x_BTD)
-        return dense(x_BTD.astype(jnp.float32), self.unembed_DV[...])
+            logits_BTV = self.embed.attend(x_BTD)
+        else:
+            logits_BTV = dense(x_BTD.astype(jnp.float32), self.unembed_DV[...])
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def init_cache(self, batch: int, length: int) -> list[dict]:
+        return init_kv_cache(batch, length, self.cfg, self.cfg.n_layers)
 
 
 def count_params(model: nnx.Module) -> int:

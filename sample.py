@@ -1,0 +1,118 @@
+"""Generate text from a run directory written by train.py (its config, tokenizer and params are all it needs).
+
+    python sample.py --checkpoint runs/default --prompt "The with statement"
+    python sample.py --checkpoint runs/shakespeare_char --prompt "ROMEO:" --num-samples 3 --top-k 40 --temperature 0.8
+    echo "KING:" | python sample.py --checkpoint runs/shakespeare_char --greedy --max-new-tokens 200
+"""
+import argparse
+import sys
+
+from transformer.cli import die, quiet_jax_logs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other bad input
+        die(f"{message} (see --help)")
+
+
+def parse(argv):
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="run directory written by train.py")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: stdin when piped, else a newline)")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    ap.add_argument("--num-samples", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=500)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 keeps all")
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", action="append", default=[], help="stop a sample at this text (repeatable)")
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="print tokens as they come (default: on when stdout is a terminal)")
+    ap.add_argument("--window", action=argparse.BooleanOptionalAction, default=True,
+                    help="slide the context window when prompt + generation exceed it (default: on)")
+    args = ap.parse_args(argv)
+    if args.temperature < 0:
+        die(f"--temperature={args.temperature} must be >= 0")
+    if not 0.0 < args.top_p <= 1.0:
+        die(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.top_k < 0:
+        die(f"--top-k={args.top_k} must be >= 0 (0 keeps all tokens)")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        die("--max-new-tokens and --num-samples must be >= 1")
+    return args
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            die(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}")
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    return "\n"
+
+
+def main(argv) -> int:
+    args = parse(argv)
+    quiet_jax_logs()
+    import jax
+
+    from transformer.config import ConfigError
+    from transformer.loading import load_run
+    from transformer.sampling import Sampler, generate
+
+    prompt = read_prompt(args)
+    try:
+        run = load_run(args.checkpoint, args.step)
+        tok = run.tokenizer
+        ids = tok.encode(prompt).tolist()
+        if not ids:
+            ids = [tok.bos_id] if tok.bos_id is not None else tok.encode("\n").tolist()
+        max_len = run.cfg.model.max_len
+        if not args.window and len(ids) + args.max_new_tokens > max_len:
+            raise ConfigError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the "
+                              f"model's context of {max_len} tokens and --no-window is set")
+        stops = [tok.encode(s).tolist() for s in args.stop if s]
+    except ConfigError as e:
+        die(str(e))
+
+    sampler = Sampler(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    base = jax.random.key(args.seed)
+    keys = [jax.random.fold_in(base, i) for i in range(args.num_samples)]
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    stream = stream and args.num_samples == 1
+    def on_tokens(rows):
+        sys.stdout.write(tok.decode(rows[0]))
+        sys.stdout.flush()
+
+    if stream:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    out = generate(run.graphdef, run.params, [ids] * args.num_samples, max_new_tokens=args.max_new_tokens,
+                   max_len=max_len, sampler=sampler, keys=keys, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id or 0, stop_sequences=stops, window=args.window,
+                   chunk=16 if stream else None, on_tokens=on_tokens if stream else None)
+    for i, row in enumerate(out.tokens):
+        text = tok.decode(row)
+        for s in args.stop:  # token-level stops can overshoot a multi-token stop string: cut the text exactly
+            if s and s in text:
+                text = text[:text.index(s) + len(s)]
+        if stream:
+            sys.stdout.write("\n")  # the text is already on the terminal
+        else:
+            if i:
+                print("\n---")
+            print(prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

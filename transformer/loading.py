@@ -1,0 +1,60 @@
+"""Load a trained run directory for inference: config, tokenizer and params from one checkpoint, nothing else."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from transformer import sharding
+from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
+from transformer.config import Config, ConfigError
+from transformer.model import DecoderLM
+from transformer.tokenizer import Tokenizer, tokenizer_from_json
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    cfg: Config
+    tokenizer: Tokenizer
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    step: int
+
+
+def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
+    """Restore the params of `step` (default: the latest) onto `mesh` (default: all local devices, data-parallel)."""
+    if not os.path.isdir(os.path.join(run_dir, CKPT_DIR)):
+        raise ConfigError(f"{run_dir} is not a run directory (no {CKPT_DIR}/ inside); train one with "
+                          f"train.py --train.run_dir={run_dir}")
+    ckpt = Checkpointer(run_dir, read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ConfigError(f"no finished checkpoint in {run_dir}; the run may have been stopped before its first "
+                              "save")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ConfigError(f"no checkpoint for step {step} in {run_dir}; available: {steps}")
+        try:
+            meta = ckpt.restore_meta(step)
+            cfg = Config.from_dict(meta["config"])
+            tok = tokenizer_from_json(meta["tokenizer"])
+        except ConfigError:
+            raise
+        except Exception as e:  # a damaged or foreign checkpoint: say which, not how orbax failed
+            raise ConfigError(f"checkpoint {step} in {run_dir} is damaged ({type(e).__name__}); "
+                              f"try another --step from {steps}") from None
+        mesh = mesh or sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
+        abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        shardings = sharding.tree_shardings(abstract_params, mesh)
+        try:
+            params = ckpt.restore_params(step, abstract_like(abstract_params, shardings))
+        except Exception as e:
+            raise ConfigError(f"checkpoint {step} in {run_dir} could not be restored ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200]})") from None
+    finally:
+        ckpt.close()
+    return LoadedRun(cfg, tok, graphdef, params, step)

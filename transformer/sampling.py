@@ -1,0 +1,291 @@
+"""Token sampling and generation with an explicit KV cache.
+
+Filters are pure `logits_BV -> logits_BV` functions, applied in the usual order: temperature, then top-k, then top-p.
+`generate()` left-pads a batch of prompts so that every row ends at the same cache slot, runs one batched prefill,
+then a `lax.while_loop` of single-token decode steps until `max_new_tokens` or until every row has finished (EOS or a
+stop sequence). When a row would outgrow the model's context, generation continues on a sliding window: each step then
+runs the full forward over the last `max_len` tokens (positions re-based to 0), which is exact for learned,
+sinusoidal and rotary positions alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transformer.attention import causal_mask, padding_mask
+
+FILTERED = -jnp.inf  # a filtered token gets probability exactly 0
+
+
+def temperature_filter(logits_BV, temperature: float):
+    return logits_BV / temperature
+
+
+def top_k_filter(logits_BV, k: int):
+    """Keep the k largest logits (ties with the k-th value are kept too); k <= 0 or k >= V keeps all."""
+    if k <= 0 or k >= logits_BV.shape[-1]:
+        return logits_BV
+    kth_B1 = jax.lax.top_k(logits_BV, k)[0][..., -1:]
+    return jnp.where(logits_BV < kth_B1, FILTERED, logits_BV)
+
+
+def top_p_filter(logits_BV, p: float):
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one token; ties at
+    the boundary are kept). p >= 1 keeps all."""
+    if p >= 1.0:
+        return logits_BV
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_keep_B1 = jnp.maximum(jnp.sum(mass_before_BV < p, axis=-1, keepdims=True), 1)
+    threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+    return jnp.where(logits_BV < threshold_B1, FILTERED, logits_BV)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def filter(self, logits_BV):
+        logits_BV = temperature_filter(logits_BV, self.temperature)
+        return top_p_filter(top_k_filter(logits_BV, self.top_k), self.top_p)
+
+    def __call__(self, logits_BV, keys_B):
+        """One token per row; row b draws with its own key, so a row's draw does not depend on the batch."""
+        if self.greedy:
+            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        filtered_BV = self.filter(logits_BV.astype(jnp.float32))
+        return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per row, cut after EOS / a stop sequence
+    logprobs: list[list[float]] | None  # log p(token) under the model (temperature 1, unfiltered)
+
+
+# ---------------------------------------------------------------------------------------------------------- decode
+
+def _positions(valid_BS):
+    """Position of each real token counted from the row's first real token; pads get 0 (they are masked anyway)."""
+    return jnp.maximum(jnp.cumsum(valid_BS, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def _prefill(graphdef, params, tokens_BP, valid_BP, cache_len: int):
+    model = nnx.merge(graphdef, params)
+    B, P = tokens_BP.shape
+    cache = model.init_cache(B, cache_len)
+    slots_S = jnp.arange(cache_len)
+    valid_BS = jnp.zeros((B, cache_len), bool).at[:, :P].set(valid_BP)
+    mask = (slots_S[None, None, None, :] <= jnp.arange(P)[None, None, :, None]) & padding_mask(valid_BS)
+    logits_BPV, cache = model(tokens_BP, positions_BT=_positions(valid_BP), mask_B1TS=mask, cache=cache,
+                              cache_index=0)
+    return logits_BPV[:, -1], cache
+
+
+def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
+    """Full forward over the last max_len slots before `end` (every row ends there): the sliding window."""
+    model = nnx.merge(graphdef, params)
+    start = end - max_len
+    win_BT = jax.lax.dynamic_slice_in_dim(tokens_BL, start, max_len, axis=1)
+    valid_BT = jax.lax.dynamic_slice_in_dim(valid_BL, start, max_len, axis=1)
+    pos_BT = _positions(valid_BT)
+    mask = causal_mask(pos_BT, pos_BT) & padding_mask(valid_BT)
+    return model(win_BT, positions_BT=pos_BT, mask_B1TS=mask)[:, -1]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_new: int, eos_id: int,
+                   pad_id: int, use_window: bool, with_logprobs: bool):
+    P, N = prompt_len, max_new
+    # The cache grows in phases (P + 64, 128, 192, 256, 384, 512, 768, ... slots): a decode step reads every slot of
+    # the cache it is given, so a cache sized for the current length, not the final one, cuts the memory traffic
+    # that dominates decoding by about half, for a handful of compiled loop bodies.
+    full_len = P + min(N, max_len)
+    sizes = [P + 64 * i for i in (1, 2, 3)] + [P + 2 ** i * m // 2 for i in range(8, 40) for m in (2, 3)]
+    phases = sorted({min(size, full_len) for size in sizes if size - 64 < full_len})
+
+    def init(params, tokens_BP, valid_BP, keys_B, stops_KM):
+        B = tokens_BP.shape[0]
+        if P > max_len:  # only reachable with a window: the prompt itself needs one
+            last_BV = _window_logits(graphdef, params, tokens_BP, valid_BP, P, max_len)
+            cache = nnx.merge(graphdef, params).init_cache(B, phases[0])
+        else:
+            last_BV, cache = _prefill(graphdef, params, tokens_BP, valid_BP, phases[0])
+        tokens_BL = jnp.full((B, P + N), pad_id, jnp.int32).at[:, :P].set(tokens_BP)
+        valid_BL = jnp.zeros((B, P + N), bool).at[:, :P].set(valid_BP)
+        return {"tokens": tokens_BL, "valid": valid_BL, "cache": cache, "logits": last_BV.astype(jnp.float32),
+                "lengths": valid_BP.sum(1).astype(jnp.int32), "done": jnp.zeros((B,), bool),
+                "step": jnp.zeros((), jnp.int32), "keys": keys_B, "stops": stops_KM,
+                "logprobs": jnp.zeros((B, N), jnp.float32)}
+
+    def stop_hit(tokens_BL, t, stops_KM):
+        """Do the generated tokens of a row end, at step t, with one of the stop sequences (right-aligned, padded
+        with -1 on the left)? Only generated tokens count: a stop never straddles the prompt."""
+        K, M = stops_KM.shape
+        if K == 0:
+            return jnp.zeros((tokens_BL.shape[0],), bool)
+        tail_BM = jax.lax.dynamic_slice_in_dim(tokens_BL, P + t - M + 1, M, axis=1)
+        match_BKM = (tail_BM[:, None, :] == stops_KM[None]) | (stops_KM[None] < 0)
+        fits_K = jnp.sum(stops_KM >= 0, axis=1) <= t + 1
+        return jnp.any(jnp.all(match_BKM, axis=-1) & fits_K[None], axis=-1)
+
+    def step(params, s):
+        t = s["step"]
+        slot = P + t
+        keys_B = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), t))(s["keys"])
+        token_B = sampler(s["logits"], keys_B)
+        token_B = jnp.where(s["done"], pad_id, token_B)
+        tokens_BL = s["tokens"].at[:, slot].set(token_B)
+        valid_BL = s["valid"].at[:, slot].set(~s["done"])
+        out = dict(s, tokens=tokens_BL, valid=valid_BL, step=t + 1)
+        if with_logprobs:
+            lp_B = jnp.take_along_axis(jax.nn.log_softmax(s["logits"]), token_B[:, None], axis=1)[:, 0]
+            out["logprobs"] = s["logprobs"].at[:, t].set(jnp.where(s["done"], 0.0, lp_B))
+        finished_B = (token_B == eos_id) | stop_hit(tokens_BL, t, s["stops"]) | (t + 1 >= N)
+        out["done"] = s["done"] | finished_B
+        lengths_B = s["lengths"] + 1  # the sequence the next forward conditions on
+        out["lengths"] = lengths_B
+
+        def cached(_):
+            model = nnx.merge(graphdef, params)
+            S = s["cache"][0]["k"].shape[2]
+            slots_S = jnp.arange(S)
+            valid_BS = valid_BL[:, :S]
+            mask = (slots_S <= slot)[None, None, None, :] & padding_mask(valid_BS)
+            logits_B1V, cache = model(token_B[:, None], positions_BT=(lengths_B - 1)[:, None], mask_B1TS=mask,
+                                      cache=s["cache"], cache_index=slot)
+            return logits_B1V[:, 0], cache
+
+        def windowed(_):
+            return _window_logits(graphdef, params, tokens_BL, valid_BL, slot + 1, max_len), s["cache"]
+
+        if use_window:
+            logits_BV, cache = jax.lax.cond(jnp.max(lengths_B) > max_len, windowed, cached, None)
+        else:
+            logits_BV, cache = cached(None)
+        out["logits"], out["cache"] = logits_BV.astype(jnp.float32), cache
+        return out
+
+    def run(params, s, until):
+        """Decode until step `until`, all rows done, or the cache is full (then `grow` it)."""
+        S = s["cache"][0]["k"].shape[2]
+
+        def more(s):
+            room = P + s["step"] < S  # the next token's keys fit in this cache
+            if use_window:  # once the window slides, the cache is no longer used
+                room = room | (jnp.max(s["lengths"]) + 1 > max_len)
+            return (s["step"] < until) & ~jnp.all(s["done"]) & room
+
+        return jax.lax.while_loop(more, lambda s: step(params, s), s)
+
+    def grow(s, S):
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, S - x.shape[2]), (0, 0)))
+        return dict(s, cache=jax.tree.map(pad, s["cache"]))
+
+    def init_and_run(params, tokens_BP, valid_BP, keys_B, stops_KM):
+        s = init(params, tokens_BP, valid_BP, keys_B, stops_KM)
+        for S in phases:
+            s = run(params, grow(s, S), N)
+        return s
+
+    return jax.jit(init), jax.jit(run), jax.jit(grow, static_argnums=1), phases, jax.jit(init_and_run)
+
+
+def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, max_len: int,
+             sampler: Sampler = Sampler(), key=None, keys=None, eos_id: int | None = None, pad_id: int = 0,
+             stop_sequences: Sequence[Sequence[int]] = (), window: bool = True, logprobs: bool = False,
+             chunk: int | None = None, on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt.
+
+    `key` (or one key per row in `keys`) seeds sampling; row b uses its own key, so a prompt gives the same tokens
+    alone or in a batch. With `chunk`, the decode loop returns to Python every `chunk` tokens and `on_tokens` gets
+    the new tokens of every row (streaming); without it, prefill and decoding are one compiled call.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    if not window and longest + max_new_tokens > max_len:
+        raise ValueError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the context of {max_len} "
+                         "and the sliding window is off")
+    # Round the padded prompt length up so that nearby lengths share one compiled program.
+    P = min(-(-longest // 16) * 16, max(longest, max_len))
+    tokens = np.full((B, P), pad_id, np.int32)
+    valid = np.zeros((B, P), bool)
+    for b, p in enumerate(prompts):
+        p = list(p)[-P:]
+        tokens[b, P - len(p):], valid[b, P - len(p):] = p, True
+    if keys is None:
+        key = jax.random.key(0) if key is None else key
+        keys = [key] * B
+    keys_B = jnp.stack([jax.random.key_data(k) for k in keys])
+    M = max((len(s) for s in stop_sequences), default=0)
+    stops = np.full((len(stop_sequences), M), -1, np.int32)
+    for i, s in enumerate(stop_sequences):
+        stops[i, M - len(s):] = s
+    use_window = window and longest + max_new_tokens > max_len
+    init, run, grow, phases, init_and_run = _compiled(graphdef, sampler, max_len=max_len, prompt_len=P, max_new=max_new_tokens,
+                               eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id, use_window=use_window,
+                               with_logprobs=logprobs)
+    args = (params, jnp.asarray(tokens), jnp.asarray(valid), keys_B, jnp.asarray(stops))
+    if chunk is None:
+        state = init_and_run(*args)
+    else:
+        state = init(*args)
+        shown = 0
+        while True:
+            S = state["cache"][0]["k"].shape[2]
+            if P + shown >= S and S < phases[-1]:  # this phase's cache is full: move to the next size
+                state = grow(state, next(p for p in phases if p > S))
+            state = run(params, state, min(shown + chunk, max_new_tokens))
+            step = int(state["step"])
+            if on_tokens is not None and step > shown:
+                new = np.asarray(state["tokens"][:, P + shown:P + step])
+                real = np.asarray(state["valid"][:, P + shown:P + step])  # drops the pads of finished rows
+                on_tokens([row[keep].tolist() for row, keep in zip(new, real)])
+            shown = step
+            if step >= max_new_tokens or bool(jnp.all(state["done"])):
+                break
+    return _collect(state, P, eos_id, stop_sequences, logprobs)
+
+
+def _collect(state, P, eos_id, stop_sequences, with_logprobs) -> Generation:
+    tokens = np.asarray(state["tokens"])[:, P:P + int(state["step"])]
+    lps = np.asarray(state["logprobs"]) if with_logprobs else None
+    out_tokens, out_lps = [], []
+    for b, row in enumerate(tokens.tolist()):
+        n = len(row)
+        if eos_id is not None and eos_id in row:
+            n = row.index(eos_id) + 1
+        for s in stop_sequences:
+            for end in range(len(s), n + 1):
+                if row[end - len(s):end] == list(s):
+                    n = end
+                    break
+        out_tokens.append(row[:n])
+        out_lps.append(lps[b, :n].tolist() if with_logprobs else None)
+    return Generation(out_tokens, out_lps if with_logprobs else None)
