@@ -24,7 +24,7 @@ def test_attend_equals_naive_formula_with_causal_and_padding_masks():
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     valid = jnp.array([[True] * T, [True] * 4 + [False] * 3])
     mask = causal_mask(pos, pos) & padding_mask(valid)
-    got = attend(jnp.asarray(q), jnp.asarray(k).transpose(0, 2, 1, 3), jnp.asarray(v).transpose(0, 2, 1, 3), mask)
+    got = attend(jnp.asarray(q), jnp.asarray(k).transpose(0, 2, 3, 1), jnp.asarray(v).transpose(0, 2, 1, 3), mask)
     np.testing.assert_allclose(got, naive(q, k, v, np.asarray(mask)), rtol=1e-5, atol=1e-5)
 
 
@@ -34,5 +34,5 @@ def test_masked_keys_get_zero_weight():
     k = jnp.ones((B, T, N, H))
     v = jnp.arange(T, dtype=jnp.float32).reshape(1, T, 1, 1) * jnp.ones((B, T, N, H))
     valid = jnp.array([[True, True, False, False]])
-    out = attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), padding_mask(valid))
+    out = attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), padding_mask(valid))
     np.testing.assert_allclose(out, 0.5)  # uniform over the two real keys (values 0 and 1)

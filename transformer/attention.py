@@ -24,20 +24,34 @@ def padding_mask(kv_valid_BS):
     return kv_valid_BS[:, None, None, :]
 
 
-def attend(q_BTNH, k_BNSH, v_BNSH, mask_B1TS=None, *, dropout_rate: float = 0.0, dropout_key=None):
+def attend(q_BTNH, k_BNHS, v_BNSH, mask_B1TS=None, *, dropout_rate: float = 0.0, dropout_key=None):
     """softmax(Q K^T / sqrt(H) + mask) V, with the softmax in float32.
 
-    Keys and values come heads-first (B N S H), the layout of the KV cache: the batched matmuls read it as is, where
-    B S N H would cost a transpose of the whole cache at every decode step.
+    Keys come as K^T per head (B N H S) and values heads-first (B N S H), the layouts of the KV cache: both batched
+    matmuls then read the cache as plain row-major operands, where other layouts cost a copy of the whole cache at
+    every decode step.
     """
+    return attend_blocks(q_BTNH, [(k_BNHS, v_BNSH, mask_B1TS)], dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+def attend_blocks(q_BTNH, blocks, *, dropout_rate: float = 0.0, dropout_key=None):
+    """Attention over the concatenation of several (K^T, V, mask) blocks with one softmax: e.g. the cache as it was
+    plus the tokens being added, so that the cache is only read before it is written (XLA then updates it in
+    place instead of copying it every decode step)."""
     H = q_BTNH.shape[-1]
-    scores_BNTS = jnp.einsum("BTNH,BNSH->BNTS", q_BTNH, k_BNSH, preferred_element_type=jnp.float32)
-    scores_BNTS = scores_BNTS * (1.0 / math.sqrt(H))
-    if mask_B1TS is not None:
-        scores_BNTS = jnp.where(mask_B1TS, scores_BNTS, NEG_INF)
-    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
-    probs_BNTS = dropout(probs_BNTS, dropout_rate, dropout_key).astype(v_BNSH.dtype)
-    return jnp.einsum("BNTS,BNSH->BTNH", probs_BNTS, v_BNSH)
+    scores = []
+    for k_BNHS, _, mask_B1TS in blocks:
+        s_BNTS = jnp.einsum("BTNH,BNHS->BNTS", q_BTNH, k_BNHS, preferred_element_type=jnp.float32)
+        s_BNTS = s_BNTS * (1.0 / math.sqrt(H))
+        scores.append(s_BNTS if mask_B1TS is None else jnp.where(mask_B1TS, s_BNTS, NEG_INF))
+    probs_BNTS = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+    probs_BNTS = dropout(probs_BNTS, dropout_rate, dropout_key)
+    out_BTNH, start = 0.0, 0
+    for k_BNHS, v_BNSH, _ in blocks:
+        p_BNTS = probs_BNTS[..., start:start + k_BNHS.shape[-1]].astype(v_BNSH.dtype)
+        out_BTNH = out_BTNH + jnp.einsum("BNTS,BNSH->BTNH", p_BNTS, v_BNSH)
+        start += k_BNHS.shape[-1]
+    return out_BTNH
 
 
 class Attention(nnx.Module):
@@ -69,7 +83,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, *, mask_B1TS=None, positions_BT=None, context_BSD=None, dropout_key=None,
                  cache=None, cache_index=None):
-        """Full forward: returns y_BTD. With a `cache` ({"k", "v"}: B N S H) the new keys and values are written at
+        """Full forward: returns y_BTD. With a `cache` ({"k": B N H S, "v": B N S H}) the new keys and values are written at
         slot `cache_index`, the queries attend over all S slots (the mask says which are visible), and it returns
         (y_BTD, new_cache): the same code serves prefill (T = prompt) and decode (T = 1)."""
         if self.cross:
@@ -87,13 +101,24 @@ class Attention(nnx.Module):
         if self.rotary:  # keys are cached already rotated: rotary scores depend only on relative position
             q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
             k_BSNH = rotary(k_BSNH, positions_BT, self.rope_theta)
-        k_BNSH, v_BNSH = k_BSNH.transpose(0, 2, 1, 3), v_BSNH.transpose(0, 2, 1, 3)
-        if cache is not None:
-            at = (0, 0, cache_index, 0)
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BNSH.astype(cache["k"].dtype), at),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v_BNSH.astype(cache["v"].dtype), at)}
-            k_BNSH, v_BNSH = cache["k"], cache["v"]
-        out_BTNH = attend(q_BTNH, k_BNSH, v_BNSH, mask_B1TS, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+        k_BNHS, v_BNSH = k_BSNH.transpose(0, 2, 3, 1), v_BSNH.transpose(0, 2, 1, 3)
+        if cache is None:
+            out_BTNH = attend(q_BTNH, k_BNHS, v_BNSH, mask_B1TS, dropout_rate=self.dropout_rate,
+                              dropout_key=dropout_key)
+        else:
+            # The mask covers all cache slots; the new tokens' own slots [cache_index, cache_index + T) are attended
+            # through the fresh k, v (block 2), the older slots through the cache as it was (block 1).
+            S, T = cache["v"].shape[2], x_BTD.shape[1]
+            old_B1TS = mask_B1TS & (jnp.arange(S) < cache_index)
+            new_B1TT = jax.lax.dynamic_slice_in_dim(mask_B1TS, cache_index, T, axis=3)
+            blocks = [(k_BNHS, v_BNSH, new_B1TT)]
+            if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill into an empty cache skips it
+                blocks.insert(0, (cache["k"], cache["v"], old_B1TS))
+            out_BTNH = attend_blocks(q_BTNH, blocks)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BNHS.astype(cache["k"].dtype),
+                                                       (0, 0, 0, cache_index)),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v_BNSH.astype(cache["v"].dtype),
+                                                       (0, 0, cache_index, 0))}
         y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2)
         if self.b_o_D is not None:
             y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
@@ -101,7 +126,7 @@ class Attention(nnx.Module):
 
 
 def init_kv_cache(batch: int, length: int, cfg: ModelConfig, n_layers: int) -> list[dict]:
-    """Per-layer {"k", "v"} buffers of shape B N S H: an explicit pytree passed in and out of the decode step."""
-    shape = (batch, cfg.n_heads, length, cfg.d_head)
-    dtype = DTYPES[cfg.dtype]
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(n_layers)]
+    """Per-layer {"k": B N H S, "v": B N S H} buffers: an explicit pytree passed in and out of the decode step."""
+    N, H, dtype = cfg.n_heads, cfg.d_head, DTYPES[cfg.dtype]
+    return [{"k": jnp.zeros((batch, N, H, length), dtype), "v": jnp.zeros((batch, N, length, H), dtype)}
+            for _ in range(n_layers)]

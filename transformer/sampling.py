@@ -170,7 +170,7 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
 
         def cached(_):
             model = nnx.merge(graphdef, params)
-            S = s["cache"][0]["k"].shape[2]
+            S = s["cache"][0]["v"].shape[2]
             slots_S = jnp.arange(S)
             valid_BS = valid_BL[:, :S]
             mask = (slots_S <= slot)[None, None, None, :] & padding_mask(valid_BS)
@@ -190,7 +190,7 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
 
     def run(params, s, until):
         """Decode until step `until`, all rows done, or the cache is full (then `grow` it)."""
-        S = s["cache"][0]["k"].shape[2]
+        S = s["cache"][0]["v"].shape[2]
 
         def more(s):
             room = P + s["step"] < S  # the next token's keys fit in this cache
@@ -201,8 +201,11 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
         return jax.lax.while_loop(more, lambda s: step(params, s), s)
 
     def grow(s, S):
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, S - x.shape[2]), (0, 0)))
-        return dict(s, cache=jax.tree.map(pad, s["cache"]))
+        def pad(layer):  # k is B N H S, v is B N S H
+            k, v = layer["k"], layer["v"]
+            return {"k": jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, S - k.shape[3]))),
+                    "v": jnp.pad(v, ((0, 0), (0, 0), (0, S - v.shape[2]), (0, 0)))}
+        return dict(s, cache=[pad(layer) for layer in s["cache"]])
 
     def init_and_run(params, tokens_BP, valid_BP, keys_B, stops_KM):
         s = init(params, tokens_BP, valid_BP, keys_B, stops_KM)
@@ -258,7 +261,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
         state = init(*args)
         shown = 0
         while True:
-            S = state["cache"][0]["k"].shape[2]
+            S = state["cache"][0]["v"].shape[2]
             if P + shown >= S and S < phases[-1]:  # this phase's cache is full: move to the next size
                 state = grow(state, next(p for p in phases if p > S))
             state = run(params, state, min(shown + chunk, max_new_tokens))
