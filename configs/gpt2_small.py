@@ -7,8 +7,7 @@
 
 def overrides() -> dict:
     return {
-        "model": {"n_layers": 12, "n_heads": 12, "d_model": 768, "max_len": 1024, "dtype": "bfloat16",
-                  "scan_layers": False},
+        "model": {"n_layers": 12, "n_heads": 12, "d_model": 768, "max_len": 1024, "dtype": "bfloat16"},
         "data": {"tokenizer": "sentencepiece", "vocab_size": 50304, "val_fraction": 0.005},
         "optim": {"lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 2000, "b2": 0.95, "weight_decay": 0.1},
         "train": {"steps": 100_000, "batch_size": 64, "grad_accum": 8, "eval_interval": 1000, "eval_batches": 50,

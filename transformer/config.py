@@ -39,7 +39,6 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations; params and logits stay float32
-    scan_layers: bool = False  # lax.scan over stacked layers: faster compiles for deep models
 
     @property
     def d_head(self) -> int:
