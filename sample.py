@@ -73,9 +73,7 @@ def main(argv) -> int:
     try:
         run = load_run(args.checkpoint, args.step)
         tok = run.tokenizer
-        ids = tok.encode(prompt).tolist()
-        if not ids:
-            ids = [tok.bos_id] if tok.bos_id is not None else tok.encode("\n").tolist()
+        ids = run.encode_prompt(prompt)
         max_len = run.cfg.model.max_len
         if not args.window and len(ids) + args.max_new_tokens > max_len:
             raise ConfigError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the "
@@ -89,6 +87,7 @@ def main(argv) -> int:
     keys = [jax.random.fold_in(base, i) for i in range(args.num_samples)]
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     stream = stream and args.num_samples == 1
+
     def on_tokens(rows):
         sys.stdout.write(tok.decode(rows[0]))
         sys.stdout.flush()

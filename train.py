@@ -43,8 +43,7 @@ def print_sample(run_dir: str, n_tokens: int, seed: int) -> None:
     from transformer.sampling import Sampler, generate
     run = load_run(run_dir)
     tok = run.tokenizer
-    prompt = tok.encode("\n").tolist() or [tok.bos_id or 0]
-    out = generate(run.graphdef, run.params, [prompt], max_new_tokens=n_tokens, max_len=run.cfg.model.max_len,
+    out = generate(run.graphdef, run.params, [run.encode_prompt("\n")], max_new_tokens=n_tokens, max_len=run.cfg.model.max_len,
                    sampler=Sampler(temperature=0.8), key=jax.random.key(seed), eos_id=tok.eos_id)
     print(f"--- sample ({n_tokens} tokens, temperature 0.8; more with: python sample.py --checkpoint {run_dir}) ---")
     print(tok.decode(out.tokens[0]).strip("\n"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 from flax import nnx
 
 from transformer import sharding
@@ -21,6 +20,13 @@ class LoadedRun:
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Prompt token ids; text that encodes to nothing becomes BOS (or a newline for a char tokenizer)."""
+        ids = self.tokenizer.encode(text).tolist()
+        if ids:
+            return ids
+        return [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else self.tokenizer.encode("\n").tolist()
 
 
 def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:

@@ -116,8 +116,8 @@ def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_new: int, eos_id: int,
-                   pad_id: int, use_window: bool, with_logprobs: bool):
+def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_new: int, eos_id: int, pad_id: int,
+              use_window: bool, with_logprobs: bool):
     P, N = prompt_len, max_new
     # The cache grows in phases (P + 64, 128, 192, 256, 384, 512, 768, ... slots): a decode step reads every slot of
     # the cache it is given, so a cache sized for the current length, not the final one, cuts the memory traffic
@@ -251,9 +251,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
     for i, s in enumerate(stop_sequences):
         stops[i, M - len(s):] = s
     use_window = window and longest + max_new_tokens > max_len
-    init, run, grow, phases, init_and_run = _compiled(graphdef, sampler, max_len=max_len, prompt_len=P, max_new=max_new_tokens,
-                               eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id, use_window=use_window,
-                               with_logprobs=logprobs)
+    init, run, grow, phases, init_and_run = _compiled(
+        graphdef, sampler, max_len=max_len, prompt_len=P, max_new=max_new_tokens,
+        eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id, use_window=use_window, with_logprobs=logprobs)
     args = (params, jnp.asarray(tokens), jnp.asarray(valid), keys_B, jnp.asarray(stops))
     if chunk is None:
         state = init_and_run(*args)
@@ -273,22 +273,15 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
             shown = step
             if step >= max_new_tokens or bool(jnp.all(state["done"])):
                 break
-    return _collect(state, P, eos_id, stop_sequences, logprobs)
+    return _collect(state, P, logprobs)
 
 
-def _collect(state, P, eos_id, stop_sequences, with_logprobs) -> Generation:
-    tokens = np.asarray(state["tokens"])[:, P:P + int(state["step"])]
+def _collect(state, P, with_logprobs) -> Generation:
+    """Each row's tokens up to where it finished: the decode loop marks a slot valid until the row's EOS or stop
+    sequence, so the count of valid generated slots is the row's length."""
+    step = int(state["step"])
+    tokens = np.asarray(state["tokens"])[:, P:P + step]
+    lengths = np.asarray(state["valid"])[:, P:P + step].sum(axis=1)
     lps = np.asarray(state["logprobs"]) if with_logprobs else None
-    out_tokens, out_lps = [], []
-    for b, row in enumerate(tokens.tolist()):
-        n = len(row)
-        if eos_id is not None and eos_id in row:
-            n = row.index(eos_id) + 1
-        for s in stop_sequences:
-            for end in range(len(s), n + 1):
-                if row[end - len(s):end] == list(s):
-                    n = end
-                    break
-        out_tokens.append(row[:n])
-        out_lps.append(lps[b, :n].tolist() if with_logprobs else None)
-    return Generation(out_tokens, out_lps if with_logprobs else None)
+    return Generation([row[:n].tolist() for row, n in zip(tokens, lengths)],
+                      [lps[b, :n].tolist() for b, n in enumerate(lengths)] if with_logprobs else None)
