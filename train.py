@@ -15,6 +15,7 @@ quiet_jax_logs()  # before jax is imported
 
 import jax  # noqa: E402
 
+from transformer import distributed  # noqa: E402
 from transformer.config import ConfigError  # noqa: E402
 from transformer.trainer import TrainingDiverged, run_dir_of, train  # noqa: E402
 
@@ -25,12 +26,13 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         cfg, flags = parse_args(argv, flags=("resume",))
+        distributed.initialize()
         result = train(cfg, resume=bool(flags.get("resume")))
     except ConfigError as e:
         die(str(e))
     except TrainingDiverged as e:
         die(str(e), code=1)
-    if "val_loss" in result:
+    if "val_loss" in result and jax.process_index() == 0:
         print(f"done: step {result['step']}, val loss {result['val_loss']:.4f}")
     if cfg.train.sample_tokens and not result.get("stopped_by") and jax.process_index() == 0:
         print_sample(run_dir_of(cfg), cfg.train.sample_tokens, cfg.train.seed)

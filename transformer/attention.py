@@ -9,6 +9,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.layers import DTYPES, dense, dense_out, dropout, normal, param, rotary, zeros
+from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
 NEG_INF = -1e30
@@ -17,6 +18,9 @@ NEG_INF = -1e30
 def causal_mask(q_positions_BT, kv_positions_BS):
     """True where query position >= key position: a token sees itself and the past."""
     return q_positions_BT[:, None, :, None] >= kv_positions_BS[:, None, None, :]
+
+
+ACT_BTNH = ("batch", "length", "act_heads", None)
 
 
 def padding_mask(kv_valid_BS):
@@ -68,6 +72,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dropout_rate = cfg.dropout
         self.dtype = DTYPES[cfg.dtype]
+        self.mm = cfg.matmul_dtype
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         if cross:
             self.w_q_DNH = param(rngs, normal(0.02), (D, N, H), ("embed", "heads", "head_dim"))
@@ -87,20 +92,22 @@ class Attention(nnx.Module):
         slot `cache_index`, the queries attend over all S slots (the mask says which are visible), and it returns
         (y_BTD, new_cache): the same code serves prefill (T = prompt) and decode (T = 1)."""
         if self.cross:
-            q_BTNH = dense(x_BTD, self.w_q_DNH[...])
-            kv_BSCNH = dense(context_BSD, self.w_kv_DCNH[...])
+            q_BTNH = dense(x_BTD, self.w_q_DNH[...], self.mm)
+            kv_BSCNH = dense(context_BSD, self.w_kv_DCNH[...], self.mm)
             k_BSNH, v_BSNH = kv_BSCNH[:, :, 0], kv_BSCNH[:, :, 1]
             if self.b_qkv_CNH is not None:
                 b = self.b_qkv_CNH[...].astype(x_BTD.dtype)
                 q_BTNH, k_BSNH, v_BSNH = q_BTNH + b[0], k_BSNH + b[1], v_BSNH + b[2]
         else:
-            qkv_BTCNH = dense(x_BTD, self.w_qkv_DCNH[...])
+            qkv_BTCNH = dense(x_BTD, self.w_qkv_DCNH[...], self.mm)
             if self.b_qkv_CNH is not None:
                 qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
             q_BTNH, k_BSNH, v_BSNH = qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
         if self.rotary:  # keys are cached already rotated: rotary scores depend only on relative position
             q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
             k_BSNH = rotary(k_BSNH, positions_BT, self.rope_theta)
+        q_BTNH = constrain(q_BTNH, ACT_BTNH)
+        k_BSNH, v_BSNH = constrain(k_BSNH, ACT_BTNH), constrain(v_BSNH, ACT_BTNH)
         k_BNHS, v_BNSH = k_BSNH.transpose(0, 2, 3, 1), v_BSNH.transpose(0, 2, 1, 3)
         if cache is None:
             out_BTNH = attend(q_BTNH, k_BNHS, v_BNSH, mask_B1TS, dropout_rate=self.dropout_rate,
@@ -119,7 +126,7 @@ class Attention(nnx.Module):
                                                        (0, 0, 0, cache_index)),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v_BNSH.astype(cache["v"].dtype),
                                                        (0, 0, cache_index, 0))}
-        y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2)
+        y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm)
         if self.b_o_D is not None:
             y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
         return y_BTD if cache is None else (y_BTD, cache)
@@ -128,5 +135,6 @@ class Attention(nnx.Module):
 def init_kv_cache(batch: int, length: int, cfg: ModelConfig, n_layers: int) -> list[dict]:
     """Per-layer {"k": B N H S, "v": B N S H} buffers: an explicit pytree passed in and out of the decode step."""
     N, H, dtype = cfg.n_heads, cfg.d_head, DTYPES[cfg.dtype]
-    return [{"k": jnp.zeros((batch, N, H, length), dtype), "v": jnp.zeros((batch, N, length, H), dtype)}
-            for _ in range(n_layers)]
+    axes = ("batch", "act_heads", None, None)  # rows over data, heads over tensor (under an activation mesh)
+    return [{"k": constrain(jnp.zeros((batch, N, H, length), dtype), axes),
+             "v": constrain(jnp.zeros((batch, N, length, H), dtype), axes)} for _ in range(n_layers)]

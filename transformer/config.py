@@ -39,6 +39,8 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations; params and logits stay float32
+    # Inputs of the weight matmuls (forward and backward); they accumulate in float32 either way.
+    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @property
     def d_head(self) -> int:

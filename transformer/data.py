@@ -99,7 +99,9 @@ class BlockIterator:
     def blocks_in_epoch(self, epoch: int) -> int:
         return len(self._plan(epoch)[1])
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
+    def next(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch (x, y), or only its `rows`: on several hosts each reads just the rows its devices hold,
+        and every host advances through the same global order."""
         starts, need = [], self.batch_size
         while need:  # a batch may run over the end of an epoch into the next one
             offset, perm = self._plan(self.epoch)
@@ -109,7 +111,8 @@ class BlockIterator:
             need -= len(take)
             if self.index == len(perm):
                 self.epoch, self.index = self.epoch + 1, 0
-        return _gather(self.tokens, np.concatenate(starts), self.block_size)
+        starts = np.concatenate(starts)
+        return _gather(self.tokens, starts if rows is None else starts[rows], self.block_size)
 
     __next__ = next
 

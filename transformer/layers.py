@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
+from transformer.sharding import ACT_BTD, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -26,18 +27,57 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
-def dense(x, w):
+def _physical_transpose(a):
+    """a.T materialised row-major. XLA:CPU would otherwise fold the transpose into the dot's dimension numbers, and
+    its bf16 kernels only take the plain (M,K)@(K,N) form: a folded transpose silently falls back to float32."""
+    if jax.default_backend() != "cpu":
+        return a.T
+    t = a.T
+    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+@jax.custom_vjp
+def matmul_bf16(x, w):
+    """(M,K)@(K,N) with bfloat16 inputs and float32 accumulation and output, forward and backward."""
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _matmul_bf16_fwd(x, w):
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32), (x, w)
+
+
+def _matmul_bf16_bwd(res, g_MN):
+    x_MK, w_KN = res
+    g_MN = g_MN.astype(jnp.bfloat16)
+    dx = jnp.dot(g_MN, _physical_transpose(w_KN), preferred_element_type=jnp.float32)
+    dw = jnp.dot(_physical_transpose(x_MK), g_MN, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
+
+
+def matmul(x, w, matmul_dtype: str = "float32"):
+    """2-D x @ w. matmul_dtype="bfloat16" feeds bf16 to the matmul units and accumulates in float32 (the output keeps
+    x's dtype); "float32" multiplies in x's dtype."""
+    if matmul_dtype == "bfloat16" and x.dtype == jnp.float32:
+        return matmul_bf16(x, w)
+    return x @ w.astype(x.dtype)
+
+
+def dense(x, w, matmul_dtype: str = "float32"):
     """x[..., I] @ w[I, *out] as one 2-D matmul (measured faster on XLA:CPU than batched contractions)."""
     n_in = x.shape[-1]
-    y = x.reshape(-1, n_in) @ w.reshape(n_in, -1).astype(x.dtype)
+    y = matmul(x.reshape(-1, n_in), w.reshape(n_in, -1), matmul_dtype)
     return y.reshape(*x.shape[:-1], *w.shape[1:])
 
 
-def dense_out(x, w, n_in_axes: int):
+def dense_out(x, w, n_in_axes: int, matmul_dtype: str = "float32"):
     """Contract the last `n_in_axes` axes of x with the leading axes of w (e.g. BTNH,NHD->BTD)."""
     lead = x.shape[:-n_in_axes]
     k = math.prod(x.shape[-n_in_axes:])
-    y = x.reshape(-1, k) @ w.reshape(k, -1).astype(x.dtype)
+    y = matmul(x.reshape(-1, k), w.reshape(k, -1), matmul_dtype)
     return y.reshape(*lead, *w.shape[n_in_axes:])
 
 
@@ -48,6 +88,14 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+def lookup(table_XD, ids_BT):
+    """Rows of a table for a batch of ids. The whole table is gathered first (as FSDP does for every weight) so the
+    rows land straight in the batch-sharded layout; a gather from a sharded table is rematerialised by the
+    partitioner."""
+    table_XD = constrain(table_XD, (None, None))
+    return constrain(jnp.take(table_XD, ids_BT, axis=0), ACT_BTD)
+
+
 class Embed(nnx.Module):
     """Token embedding; `attend` is the tied unembedding (logits in float32)."""
 
@@ -55,7 +103,7 @@ class Embed(nnx.Module):
         self.table_VD = param(rngs, normal(0.02), (vocab_size, d_model), ("vocab", "embed"))
 
     def __call__(self, tokens_BT, dtype):
-        return jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(dtype)
+        return lookup(self.table_VD[...], tokens_BT).astype(dtype)
 
     def attend(self, x_BTD):
         return dense(x_BTD.astype(jnp.float32), self.table_VD[...].T)
@@ -80,7 +128,7 @@ class AbsolutePositions(nnx.Module):
 
     def __call__(self, positions_BT):
         if self.kind == "learned":
-            return jnp.take(self.table_TD[...], positions_BT, axis=0)
+            return lookup(self.table_TD[...], positions_BT)
         if self.kind == "sinusoidal":
             return sinusoidal_at(positions_BT, self.d_model)
         return None
@@ -127,6 +175,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.ff_dim
         self.activation = cfg.activation
+        self.mm = cfg.matmul_dtype
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by depth
         if self.activation == "swiglu":
             self.w_in_DCF = param(rngs, normal(0.02), (D, 2, F), ("embed", None, "mlp"))
@@ -138,14 +187,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTD):
         if self.activation == "swiglu":
-            gate_up = dense(x_BTD, self.w_in_DCF[...])
+            gate_up = dense(x_BTD, self.w_in_DCF[...], self.mm)
             h_BTF = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         else:
-            h_BTF = dense(x_BTD, self.w_in_DF[...])
+            h_BTF = dense(x_BTD, self.w_in_DF[...], self.mm)
             if self.b_in_F is not None:
                 h_BTF = h_BTF + self.b_in_F[...].astype(h_BTF.dtype)
             h_BTF = jax.nn.gelu(h_BTF) if self.activation == "gelu" else jax.nn.relu(h_BTF)
-        y_BTD = dense(h_BTF, self.w_out_FD[...])
+        h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
+        y_BTD = dense(h_BTF, self.w_out_FD[...], self.mm)
         if self.b_out_D is not None:
             y_BTD = y_BTD + self.b_out_D[...].astype(y_BTD.dtype)
         return y_BTD

@@ -13,6 +13,7 @@ from flax import nnx
 from transformer.attention import Attention, causal_mask, init_kv_cache
 from transformer.config import ModelConfig
 from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dense, dropout, normal, param
+from transformer.sharding import ACT_BTD, constrain
 
 
 def split_key(key, n: int):
@@ -43,6 +44,7 @@ class Block(nnx.Module):
         """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given."""
         k = split_key(dropout_key, 5)
         new_cache = None
+        x_BTD = constrain(x_BTD, ACT_BTD)
 
         def self_attention(h):
             nonlocal new_cache
@@ -58,7 +60,7 @@ class Block(nnx.Module):
             x_BTD = self._residual(
                 x_BTD, self.cross_norm,
                 lambda h: self.cross_attn(h, mask_B1TS=context_mask_B1TS, context_BSD=context_BSD), k[2])
-        x_BTD = self._residual(x_BTD, self.mlp_norm, self.mlp, k[3])
+        x_BTD = constrain(self._residual(x_BTD, self.mlp_norm, self.mlp, k[3]), ACT_BTD)
         return x_BTD if cache is None else (x_BTD, new_cache)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from transformer import sharding
 from transformer.attention import causal_mask, padding_mask
 
 FILTERED = -jnp.inf  # a filtered token gets probability exactly 0
@@ -117,7 +118,7 @@ def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
 
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_new: int, eos_id: int, pad_id: int,
-              use_window: bool, with_logprobs: bool):
+              use_window: bool, with_logprobs: bool, mesh=None):
     P, N = prompt_len, max_new
     # The cache grows in phases (P + 64, 128, 192, 256, 384, 512, 768, ... slots): a decode step reads every slot of
     # the cache it is given, so a cache sized for the current length, not the final one, cuts the memory traffic
@@ -213,6 +214,8 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
             s = run(params, grow(s, S), N)
         return s
 
+    if mesh is not None:  # sharded params: keep rows over data and heads over tensor through the loop
+        init, run, grow, init_and_run = (sharding.activation_mesh(mesh)(f) for f in (init, run, grow, init_and_run))
     return jax.jit(init), jax.jit(run), jax.jit(grow, static_argnums=1), phases, jax.jit(init_and_run)
 
 
@@ -251,10 +254,14 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
     for i, s in enumerate(stop_sequences):
         stops[i, M - len(s):] = s
     use_window = window and longest + max_new_tokens > max_len
+    mesh = sharding.mesh_of(params)
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
     init, run, grow, phases, init_and_run = _compiled(
         graphdef, sampler, max_len=max_len, prompt_len=P, max_new=max_new_tokens,
-        eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id, use_window=use_window, with_logprobs=logprobs)
-    args = (params, jnp.asarray(tokens), jnp.asarray(valid), keys_B, jnp.asarray(stops))
+        eos_id=-1 if eos_id is None else eos_id, pad_id=pad_id, use_window=use_window, with_logprobs=logprobs,
+        mesh=mesh)
+    rows = (lambda a: jax.device_put(a, sharding.rows_sharding(mesh, a.shape))) if mesh else jnp.asarray
+    args = (params, rows(tokens), rows(valid), rows(keys_B), jnp.asarray(stops))
     if chunk is None:
         state = init_and_run(*args)
     else:

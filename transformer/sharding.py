@@ -5,6 +5,8 @@ mesh axis names. The same code runs on one CPU device (every axis has size 1) an
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -16,7 +18,8 @@ from transformer.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axis (or axes); None = replicated.
+# logical axis -> mesh axis (or axes); None = replicated. Weights use the first group, activations the "act_" group:
+# FSDP shards a weight's embed axis but an activation's batch, so the two need different names.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "embed": "fsdp",
@@ -25,7 +28,33 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "head_dim": None,
     "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
 }
+
+ACT_BTD = ("batch", "length", "act_embed")  # the residual stream between blocks
+
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("transformer_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh):
+    """While tracing a step under this context, `constrain` pins activations onto `mesh`."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def constrain(x, axes: tuple[str | None, ...]):
+    """Sharding constraint on an activation by logical axes (used at block boundaries). Outside `activation_mesh`
+    (plain eager calls, one-device unit tests) it returns x unchanged."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(logical_to_spec(axes), x.shape, mesh)))
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
@@ -56,18 +85,22 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+    """Leave replicated every dimension that its mesh axes do not divide evenly (e.g. 4 heads on tensor=8)."""
+    out = []
+    for dim, axis in zip(shape, spec):
+        names = (axis,) if isinstance(axis, str) else (axis or ())
+        size = math.prod(mesh.shape[n] for n in names)
+        out.append(axis if names and dim % size == 0 else None)
+    return P(*out)
+
+
 def _spec_for(leaf, mesh: Mesh) -> P:
-    """Partition spec of a weight from its logical axes, leaving axes that the mesh does not divide replicated."""
+    """Partition spec of a weight from its logical axes."""
     axes = leaf.get_metadata().get("logical_axes") if _is_variable(leaf) else None
     if axes is None:
         return P()
-    shape = leaf.shape
-    spec = []
-    for dim, axis in zip(shape, logical_to_spec(axes)):
-        names = (axis,) if isinstance(axis, str) else (axis or ())
-        size = math.prod(mesh.shape[n] for n in names)
-        spec.append(axis if names and dim % size == 0 else None)
-    return P(*spec)
+    return _fit(logical_to_spec(axes), leaf.shape, mesh)
 
 
 def tree_shardings(tree, mesh: Mesh):
@@ -78,6 +111,19 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(f, tree, is_leaf=_is_variable)
 
 
+def mesh_of(tree) -> Mesh | None:
+    """The mesh that a pytree of arrays (e.g. restored params) is laid out on, or None if not on a NamedSharding."""
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
+def rows_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Leading axis over data x fsdp where it divides evenly (e.g. a batch of prompts), the rest replicated."""
+    return NamedSharding(mesh, _fit(P(RULES["batch"]), shape[:1], mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch split over data x fsdp; with gradient accumulation the leading micro-batch axis stays whole."""
     lead = (None,) * (ndim - 2)
@@ -86,3 +132,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def local_rows(batch: NamedSharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """The [lo, hi) range of `axis` that this process's devices hold: the only rows it needs to read."""
+    slices = [idx[axis] for idx in batch.addressable_devices_indices_map(tuple(global_shape)).values()]
+    lo = min(s.start or 0 for s in slices)
+    hi = max(global_shape[axis] if s.stop is None else s.stop for s in slices)
+    return lo, hi
+
+
+def put_batch(local: np.ndarray, batch: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """A global batch array from this process's rows (every process passes its own `local_rows`)."""
+    return jax.make_array_from_process_local_data(batch, local, global_shape)

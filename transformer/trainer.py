@@ -48,12 +48,13 @@ def prepare_data(cfg: Config, run_dir: str) -> tuple[Tokenizer, np.ndarray, np.n
     train_text, val_text = split_text(docs, cfg.data.val_fraction, val_docs)
     tok = build_tokenizer(cfg.data, train_text, val_text)
     train_tokens, val_tokens = tok.encode(train_text), tok.encode(val_text)
-    os.makedirs(tok_dir, exist_ok=True)
-    for path, arr in ((train_path, train_tokens), (val_path, val_tokens)):
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, path)
-    save_tokenizer(tok, run_dir)
+    if jax.process_index() == 0:  # every host computes the same tokens; one writes the cache
+        os.makedirs(tok_dir, exist_ok=True)
+        for path, arr in ((train_path, train_tokens), (val_path, val_tokens)):
+            tmp = f"{path}.tmp{os.getpid()}.npy"
+            np.save(tmp, arr)
+            os.replace(tmp, path)
+        save_tokenizer(tok, run_dir)
     return tok, train_tokens, val_tokens
 
 
@@ -154,8 +155,11 @@ def build_state(cfg: Config, mesh):
 
 
 def evaluate(eval_step, params, batches, batch_sharding) -> float:
-    losses = [eval_step(params, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding))
-              for x, y in batches]
+    """Mean loss over the fixed validation batches; each process puts only the rows its devices hold."""
+    shape = batches[0][0].shape
+    lo, hi = sharding.local_rows(batch_sharding, shape, axis=0)
+    losses = [eval_step(params, sharding.put_batch(x[lo:hi], batch_sharding, shape),
+                        sharding.put_batch(y[lo:hi], batch_sharding, shape)) for x, y in batches]
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -207,6 +211,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                    + (f", resuming at step {start}" if latest is not None else ""))
     batch3 = sharding.batch_sharding(mesh, 3)
     batch2 = sharding.batch_sharding(mesh, 2)
+    lo, hi = sharding.local_rows(batch3, (A, B, T), axis=1)
+    my_rows = (np.arange(A)[:, None] * B + np.arange(lo, hi)).reshape(-1)  # of the flat (A * B) batch
     schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
     flops_tok = flops_per_token(cfg, n_params)
     peak = peak_tflops(cfg) * 1e12 * jax.device_count()
@@ -233,9 +239,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     with StopFlag() as stop:
         try:
             for step in range(start + 1, cfg.train.steps + 1):
-                x, y = batches.next()
-                x = jax.device_put(x.reshape(A, B, T), batch3)
-                y = jax.device_put(y.reshape(A, B, T), batch3)
+                x, y = batches.next(my_rows)
+                x = sharding.put_batch(x.reshape(A, hi - lo, T), batch3, (A, B, T))
+                y = sharding.put_batch(y.reshape(A, hi - lo, T), batch3, (A, B, T))
                 state, metrics = train_step(state, x, y)
                 pending.append(metrics)
                 final = step == cfg.train.steps

@@ -69,6 +69,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
 
     grad_fn = jax.value_and_grad(loss_fn)
 
+    @sharding.activation_mesh(mesh)
     def train_step(state, x_ABT, y_ABT):
         # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call.
         params, step = state["params"], state["step"]
@@ -89,6 +90,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
                      "rng": state["rng"]}
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    @sharding.activation_mesh(mesh)
     def eval_step(params, x_BT, y_BT):
         return loss_fn(params, x_BT, y_BT, None)
 

@@ -1,0 +1,190 @@
+"""Sharding on 8 fake CPU devices: the same training on every mesh, weights split as the rules say, checkpoints
+moving between meshes, sharded sampling, and a 2-process run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from transformer import sharding
+from transformer.checkpoint import Checkpointer, abstract_like
+from transformer.cli import parse_args
+from transformer.config import ConfigError, MeshConfig
+from transformer.loading import load_run
+from transformer.sampling import generate
+from transformer.trainer import METRICS_FILE, build_state, train
+from transformer.training import make_steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))
+MESHES = {"one device": (1, 1, 1), "data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "tensor=8": (1, 1, 8),
+          "data=2 fsdp=2 tensor=2": (2, 2, 2)}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def tiny_args(corpus, run_dir, steps, mesh=(8, 1, 1), *extra):
+    d, f, t = mesh
+    return ["--data.path", corpus, "--train.run_dir", str(run_dir), "--train.steps", str(steps),
+            "--model.d_model=64", "--model.n_heads=8", "--model.n_layers=2", "--model.max_len=16",
+            "--train.batch_size=8", "--train.log_interval=1", "--train.eval_interval=100", "--train.eval_batches=2",
+            "--train.ckpt_interval=100", "--train.progress=false", "--optim.warmup_steps=2", "--model.dropout=0.1",
+            "--train.sample_tokens=0", f"--mesh.data={d}", f"--mesh.fsdp={f}", f"--mesh.tensor={t}", *extra]
+
+
+def mesh_for(sizes):
+    return sharding.make_mesh(MeshConfig(*sizes), jax.devices()[:int(np.prod(sizes))])
+
+
+def cfg_for(corpus, tmp_path):
+    cfg, _ = parse_args(tiny_args(corpus, tmp_path, 5, (8, 1, 1), "--model.vocab_size=42", "--optim.lr=1e-2"))
+    return cfg
+
+
+def train_losses(cfg, sizes, steps=5):
+    """Five jitted train steps on a mesh of `sizes`, from the same init and the same batches."""
+    mesh = mesh_for(sizes)
+    graphdef, tx, _, shardings, create = build_state(cfg, mesh)
+    state = create()
+    train_step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
+    batch3 = sharding.batch_sharding(mesh, 3)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        x = rng.integers(0, cfg.model.vocab_size, (1, 8, 16), dtype=np.int32)
+        y = (x * 7 + 3) % cfg.model.vocab_size  # a learnable rule, so the loss moves
+        state, metrics = train_step(state, jax.device_put(x, batch3), jax.device_put(y, batch3))
+        out.append(float(metrics["loss"]))
+    return out, state
+
+
+def test_same_losses_on_every_mesh(corpus, tmp_path):
+    cfg = cfg_for(corpus, tmp_path)
+    results = {name: train_losses(cfg, sizes)[0] for name, sizes in MESHES.items()}
+    ref = results["one device"]
+    assert ref[0] > ref[-1] + 0.1  # it trains
+    for name, got in results.items():
+        np.testing.assert_allclose(got, ref, rtol=2e-5, err_msg=name)
+
+
+def test_param_shardings_follow_the_rules(corpus, tmp_path):
+    cfg = cfg_for(corpus, tmp_path)
+    _, state = train_losses(cfg, (2, 2, 2), steps=1)
+    blk = state["params"]["blocks"][0]
+    spec = lambda v: v[...].sharding.spec  # noqa: E731
+    assert spec(blk["attn"]["w_qkv_DCNH"]) == P("fsdp", None, "tensor", None)
+    assert spec(blk["attn"]["w_o_NHD"]) == P("tensor", None, "fsdp")
+    assert spec(blk["mlp"]["w_in_DF"]) == P("fsdp", "tensor")
+    assert spec(blk["mlp"]["w_out_FD"]) == P("tensor", "fsdp")
+    assert spec(state["params"]["embed"]["table_VD"]) == P("tensor", "fsdp")  # vocab 42 divides by 2
+    assert spec(blk["attn_norm"]["scale_D"]) == P("fsdp")
+    # Adam moments are laid out like their weights, so FSDP shards the optimizer state too.
+    mu = state["opt_state"][1][0].mu
+    assert spec(mu["blocks"][0]["mlp"]["w_in_DF"]) == P("fsdp", "tensor")
+    # Axes a mesh does not divide stay replicated instead of failing: 8 heads on tensor=8 split, vocab 42 does not.
+    _, state8 = train_losses(cfg, (1, 1, 8), steps=1)
+    assert spec(state8["params"]["blocks"][0]["attn"]["w_qkv_DCNH"]) == P("fsdp", None, "tensor", None)
+    assert spec(state8["params"]["embed"]["table_VD"]) == P(None, "fsdp")
+
+
+def test_fsdp_holds_an_eighth_of_the_state_per_device(corpus, tmp_path):
+    cfg = cfg_for(corpus, tmp_path)
+
+    def bytes_on_device0(sizes):
+        mesh = mesh_for(sizes)
+        _, _, _, _, create = build_state(cfg, mesh)
+        state = create()
+        dev = jax.devices()[0]
+        return sum(s.data.nbytes for a in jax.tree.leaves(state) for s in a.addressable_shards if s.device == dev)
+
+    dp, fsdp = bytes_on_device0((8, 1, 1)), bytes_on_device0((1, 8, 1))
+    assert 0.12 < fsdp / dp < 0.16  # 1/8 of the sharded weights; norms of width 64 and scalars stay whole
+
+
+def test_checkpoint_moves_between_meshes_and_training_continues(corpus, tmp_path):
+    full, moved = tmp_path / "full", tmp_path / "moved"
+    train(parse_args(tiny_args(corpus, full, 6))[0])
+    train(parse_args(tiny_args(corpus, moved, 3, (8, 1, 1), "--optim.decay_steps=6"))[0])
+    # The params restored onto another mesh are the saved values, laid out the new way.
+    ckpt = Checkpointer(str(moved), read_only=True)
+    saved = load_run(str(moved), mesh=mesh_for((8, 1, 1))).params
+    one = load_run(str(moved), mesh=mesh_for((1, 1, 1))).params  # sample.py's single-device restore
+    mesh = mesh_for((1, 4, 2))
+    shardings = sharding.tree_shardings(saved, mesh)
+    restored = ckpt.restore_params(3, abstract_like(saved, shardings))
+    ckpt.close()
+    for a, b, c in zip(jax.tree.leaves(saved), jax.tree.leaves(restored), jax.tree.leaves(one)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert restored["blocks"][0]["mlp"]["w_in_DF"][...].sharding.spec == P("fsdp", "tensor")
+    # Resuming on fsdp=4 x tensor=2 continues the data=8 run: steps 4-6 match the uninterrupted run.
+    train(parse_args(tiny_args(corpus, moved, 6, (1, 4, 2)))[0])
+    read = lambda d: {r["step"]: r["loss"] for r in map(json.loads, open(d / METRICS_FILE)) if "loss" in r}  # noqa
+    ref, got = read(full), read(moved)
+    np.testing.assert_allclose([got[s] for s in range(1, 7)], [ref[s] for s in range(1, 7)], rtol=2e-5)
+
+
+def test_sharded_sampler_matches_single_device(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(parse_args(tiny_args(corpus, run, 4))[0])
+    prompts = [[3, 5, 7], [9], [4, 4, 4, 4, 4], [11, 2]]
+    outs = {}
+    for sizes in ((1, 1, 1), (4, 1, 2), (1, 1, 8)):
+        loaded = load_run(str(run), mesh=mesh_for(sizes))
+        outs[sizes] = generate(loaded.graphdef, loaded.params, prompts, max_new_tokens=12,
+                               max_len=loaded.cfg.model.max_len).tokens
+    assert outs[(4, 1, 2)] == outs[(1, 1, 1)] == outs[(1, 1, 8)]
+    assert any(len(set(row)) > 1 for row in outs[(1, 1, 1)])
+
+
+def test_mesh_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="needs 6 devices but 8"):
+        sharding.make_mesh(MeshConfig(2, 3, 1))
+    with pytest.raises(ConfigError, match="only one of"):
+        sharding.make_mesh(MeshConfig(-1, -1, 1))
+    with pytest.raises(ConfigError, match="cannot be split"):
+        sharding.make_mesh(MeshConfig(-1, 3, 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(corpus, tmp_path):
+    """2 processes x 4 CPU devices on localhost (jax.distributed, gloo) train like 1 process with 8 devices."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    mesh = (2, 2, 2)
+    train(parse_args(tiny_args(corpus, single, 4, mesh, "--train.eval_interval=2"))[0])
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "train.py"), *tiny_args(corpus, multi, 4, mesh,
+                                                                       "--train.eval_interval=2")],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "8 cpu device(s)" in outs[0] and "step 4" in outs[0]
+    assert "step" not in outs[1]  # logging happens once
+    read = lambda d: [json.loads(l) for l in open(d / METRICS_FILE)]  # noqa: E731,E741
+    ref, got = read(single), read(multi)
+    for key in ("loss", "val_loss"):
+        a = [r[key] for r in ref if key in r]
+        b = [r[key] for r in got if key in r]
+        assert len(a) == len(b) > 1
+        np.testing.assert_allclose(b, a, rtol=2e-5, err_msg=key)
+    assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
