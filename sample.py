@@ -3,6 +3,12 @@
     python sample.py --checkpoint runs/default --prompt "The with statement"
     python sample.py --checkpoint runs/shakespeare_char --prompt "ROMEO:" --num-samples 3 --top-k 40 --temperature 0.8
     echo "KING:" | python sample.py --checkpoint runs/shakespeare_char --greedy --max-new-tokens 200
+
+Encoder runs (model.arch=encoder, or a Hugging Face BERT-family directory given as --checkpoint):
+
+    python sample.py --checkpoint runs/bert_mlm_tiny --fill-mask "The function returns a [MASK] object."
+    python sample.py --checkpoint runs/classify_tiny --classify "a wonderful, moving film"
+    python sample.py --checkpoint path/to/all-MiniLM-L6-v2 --embed "A man is playing a guitar." "Someone plays music."
 """
 import argparse
 import sys
@@ -22,6 +28,10 @@ def parse(argv):
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: stdin when piped, else a newline)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
+    src.add_argument("--fill-mask", metavar="TEXT", help="encoders: top predictions for each [MASK] in TEXT")
+    src.add_argument("--classify", metavar="TEXT", nargs="+", help="encoders: label probabilities of each TEXT")
+    src.add_argument("--embed", metavar="TEXT", nargs="+",
+                     help="encoders: sentence embeddings of each TEXT and their cosine similarities")
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=500)
     ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
@@ -60,6 +70,36 @@ def read_prompt(args) -> str:
     return "\n"
 
 
+def encoder_main(args) -> int:
+    from transformer import encode
+    from transformer.config import ConfigError
+    from transformer.loading import load_run
+
+    try:
+        run = load_run(args.checkpoint, args.step)
+        if run.cfg.model.arch != "encoder":
+            raise ConfigError(f"{args.checkpoint} holds a {run.cfg.model.arch} model; --fill-mask, --classify and "
+                              "--embed need an encoder")
+        if args.fill_mask:
+            for i, preds in enumerate(encode.fill_mask(run, args.fill_mask, top_k=max(args.top_k, 5))):
+                print(f"[MASK] {i + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in preds))
+        elif args.classify:
+            names = [str(i) for i in range(run.cfg.model.n_classes)]
+            for text, probs in zip(args.classify, encode.classify(run, args.classify)):
+                best = sorted(zip(names, probs), key=lambda x: -x[1])
+                print(f"{text!r}: " + "  ".join(f"{n} {p:.3f}" for n, p in best))
+        else:
+            emb = encode.embed(run, args.embed)
+            for text, e in zip(args.embed, emb):
+                print(f"{text!r}: [{', '.join(f'{v:.4f}' for v in e[:8])}, ...] ({len(e)} dims)")
+            for i in range(len(emb)):
+                for j in range(i + 1, len(emb)):
+                    print(f"cosine({args.embed[i]!r}, {args.embed[j]!r}) = {float(emb[i] @ emb[j]):.4f}")
+    except ConfigError as e:
+        die(str(e))
+    return 0
+
+
 def main(argv) -> int:
     args = parse(argv)
     quiet_jax_logs()
@@ -69,9 +109,14 @@ def main(argv) -> int:
     from transformer.loading import load_run
     from transformer.sampling import Sampler, generate
 
+    if args.fill_mask or args.classify or args.embed:
+        return encoder_main(args)
     prompt = read_prompt(args)
     try:
         run = load_run(args.checkpoint, args.step)
+        if run.cfg.model.arch != "decoder":
+            raise ConfigError(f"{args.checkpoint} holds an encoder, which does not generate text; use --fill-mask, "
+                              "--classify or --embed")
         tok = run.tokenizer
         ids = run.encode_prompt(prompt)
         max_len = run.cfg.model.max_len

@@ -67,10 +67,10 @@ def main():
         mesh = sharding.make_mesh(MeshConfig(*sizes), devices)
         graphdef, tx, abstract, shardings, _ = build_state(cfg, mesh)
         step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
-        batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.model.max_len), np.int32,
-                                     sharding=sharding.batch_sharding(mesh, 3))
+        tokens = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.model.max_len), np.int32,
+                                      sharding=sharding.batch_sharding(mesh, lead_axes=1))
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        mem = step.lower(state, batch, batch).compile().memory_analysis()
+        mem = step.lower(state, {"inputs": tokens, "targets": tokens}).compile().memory_analysis()
         args_b = mem.argument_size_in_bytes
         base = base or args_b
         print(f"  {name:18s} arguments {args_b / 2**20:7.2f} MiB ({args_b / base:.3f} of data=8), "

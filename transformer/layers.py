@@ -169,6 +169,9 @@ class Norm(nnx.Module):
         return x.astype(dtype)
 
 
+ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu}
+
+
 class MLP(nnx.Module):
     """Position-wise feed-forward: ReLU / GELU, or SwiGLU with a fused gate+up projection."""
 
@@ -193,7 +196,7 @@ class MLP(nnx.Module):
             h_BTF = dense(x_BTD, self.w_in_DF[...], self.mm)
             if self.b_in_F is not None:
                 h_BTF = h_BTF + self.b_in_F[...].astype(h_BTF.dtype)
-            h_BTF = jax.nn.gelu(h_BTF) if self.activation == "gelu" else jax.nn.relu(h_BTF)
+            h_BTF = ACTIVATIONS[self.activation](h_BTF)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
         y_BTD = dense(h_BTF, self.w_out_FD[...], self.mm)
         if self.b_out_D is not None:

@@ -1,15 +1,18 @@
-"""Load a trained run directory for inference: config, tokenizer and params from one checkpoint, nothing else."""
+"""Load a trained run directory for inference: config, tokenizer and params from one checkpoint, nothing else.
+A Hugging Face BERT-family directory (config.json + model.safetensors, see `transformer/hf.py`) loads the same way."""
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import jax
 from flax import nnx
 
 from transformer import sharding
 from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
-from transformer.config import Config, ConfigError
-from transformer.model import DecoderLM
+from transformer.config import Config, ConfigError, MeshConfig
+from transformer.hf import is_hf_dir, load_hf_encoder
+from transformer.models import build_model
 from transformer.tokenizer import Tokenizer, tokenizer_from_json
 
 
@@ -30,8 +33,11 @@ class LoadedRun:
 
 
 def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
-    """Restore the params of `step` (default: the latest) onto `mesh` (default: all local devices, data-parallel)."""
+    """Restore the params of `step` (default: the latest) onto `mesh` (default: all local devices, data-parallel).
+    A Hugging Face model directory (no checkpoints/, but config.json + model.safetensors) is imported instead."""
     if not os.path.isdir(os.path.join(run_dir, CKPT_DIR)):
+        if is_hf_dir(run_dir):
+            return _load_hf(run_dir, step, mesh)
         raise ConfigError(f"{run_dir} is not a run directory (no {CKPT_DIR}/ inside); train one with "
                           f"train.py --train.run_dir={run_dir}")
     ckpt = Checkpointer(run_dir, read_only=True)
@@ -53,7 +59,7 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
             raise ConfigError(f"checkpoint {step} in {run_dir} is damaged ({type(e).__name__}); "
                               f"try another --step from {steps}") from None
         mesh = mesh or sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-        abstract = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         shardings = sharding.tree_shardings(abstract_params, mesh)
         try:
@@ -64,3 +70,15 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
     finally:
         ckpt.close()
     return LoadedRun(cfg, tok, graphdef, params, step)
+
+
+def _load_hf(path: str, step: int | None, mesh) -> LoadedRun:
+    """An imported Hugging Face encoder as a LoadedRun at step 0, its params laid out on `mesh` like a checkpoint's."""
+    if step is not None:
+        raise ConfigError(f"{path} is a Hugging Face model directory: it has no checkpoint steps (drop --step)")
+    model_cfg, params, tok = load_hf_encoder(path)
+    cfg = Config(model=model_cfg, preset="hf").validate()
+    mesh = mesh or sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))), nnx.Param)
+    params = jax.device_put(params, sharding.tree_shardings(abstract, mesh))
+    return LoadedRun(cfg, tok, graphdef, params, 0)

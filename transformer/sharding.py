@@ -124,10 +124,9 @@ def rows_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, _fit(P(RULES["batch"]), shape[:1], mesh))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch split over data x fsdp; with gradient accumulation the leading micro-batch axis stays whole."""
-    lead = (None,) * (ndim - 2)
-    return NamedSharding(mesh, P(*lead, RULES["batch"], None))
+def batch_sharding(mesh: Mesh, lead_axes: int = 0) -> NamedSharding:
+    """Batch axis (after `lead_axes` whole axes, e.g. the gradient-accumulation one) split over data x fsdp."""
+    return NamedSharding(mesh, P(*(None,) * lead_axes, RULES["batch"]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from transformer.config import ConfigError, DataConfig
 
@@ -151,6 +152,8 @@ def tokenizer_from_json(d: dict) -> Tokenizer:
         return CharTokenizer(d["chars"])
     if kind == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(d["model"], validate=True))
+    if kind == "huggingface":
+        return HFTokenizer(d["tokenizer_json"])
     raise ConfigError(f"unknown tokenizer type {kind!r}")
 
 
@@ -203,3 +206,73 @@ def _reason(e: Exception) -> str:
     # Drop sentencepiece's "INTERNAL: src/file.cc(123) [check]" prefix and keep the human-readable part.
     line = _first_line(e)
     return line.rsplit("] ", 1)[-1].strip() or line
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (WordPiece for BERT, byte-level BPE for RoBERTa) run by the `tokenizers`
+    package, held as the JSON text so it round-trips through `to_json` like the others.
+
+    `encode` adds the special tokens the file's post-processor adds ([CLS] text [SEP] for BERT) and never pads or
+    truncates: the padding / truncation settings stored in the file are for batched HF pipelines, and callers here
+    pad and check lengths themselves. [CLS] / [SEP] open and close every sequence, so they double as bos / eos.
+    """
+
+    SPECIALS = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>"),
+                "pad": ("[PAD]", "<pad>")}
+
+    def __init__(self, tokenizer_json: str):
+        self._json = tokenizer_json
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the tokenizers package raises a bare Exception for unparsable files
+            raise ConfigError(f"not a valid Hugging Face tokenizer.json ({_first_line(e)})") from None
+        self._tok.no_padding()
+        self._tok.no_truncation()
+
+    @classmethod
+    def from_file(cls, path: str) -> "HFTokenizer":
+        if not os.path.isfile(path):
+            raise ConfigError(f"Hugging Face tokenizer {path} not found")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return cls(text)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _special(self, kind: str) -> int | None:
+        return next((i for i in map(self._tok.token_to_id, self.SPECIALS[kind]) if i is not None), None)
+
+    @property
+    def cls_id(self) -> int | None:
+        return self._special("cls")
+
+    @property
+    def sep_id(self) -> int | None:
+        return self._special("sep")
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._special("mask")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special("pad")
+
+    bos_id, eos_id = cls_id, sep_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
+
+    def to_json(self) -> dict:
+        return {"type": "huggingface", "tokenizer_json": self._json}
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer  # noqa: F811  (extends the union above)

@@ -18,10 +18,12 @@ from flax import nnx
 from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError
-from transformer.data import BlockIterator, eval_batches, load_texts, split_text
-from transformer.model import DecoderLM
+from transformer.data import load_texts, split_text
+from transformer.mlm import specials_for
+from transformer.models import build_model
+from transformer.pipelines import LMPipeline, MLMPipeline
 from transformer.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
-from transformer.training import (flops_per_token, init_state, lr_schedule, make_optimizer, make_steps,
+from transformer.training import (flops_per_token, init_state, lr_schedule, make_optimizer, make_steps, task_of,
                                   peak_tflops)
 
 METRICS_FILE = "metrics.jsonl"
@@ -145,22 +147,36 @@ def build_state(cfg: Config, mesh):
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
     def create():
-        model = DecoderLM(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
         return init_state(model, tx, cfg.train.seed)[1]
 
     abstract = jax.eval_shape(create)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0))))
     shardings = sharding.tree_shardings(abstract, mesh)
     return graphdef, tx, abstract, shardings, jax.jit(create, out_shardings=shardings)
 
 
-def evaluate(eval_step, params, batches, batch_sharding) -> float:
-    """Mean loss over the fixed validation batches; each process puts only the rows its devices hold."""
-    shape = batches[0][0].shape
-    lo, hi = sharding.local_rows(batch_sharding, shape, axis=0)
-    losses = [eval_step(params, sharding.put_batch(x[lo:hi], batch_sharding, shape),
-                        sharding.put_batch(y[lo:hi], batch_sharding, shape)) for x, y in batches]
-    return float(np.mean(jax.device_get(losses)))
+def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> dict:
+    """Mean loss (and accuracy) over the fixed validation batches; each process puts only the rows its devices
+    hold."""
+    rows = len(batches[0]["inputs"])
+    lo, hi = sharding.local_rows(batch_sharding, (rows,), axis=0)
+    metrics = [eval_step(params, {k: sharding.put_batch(a[lo:hi], batch_sharding, a.shape) for k, a in b.items()})
+               for b in batches]
+    metrics = jax.device_get(metrics)
+    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+
+def make_pipeline(cfg: Config, tok: Tokenizer, train_tokens, val_tokens):
+    """The batches of this run's task (and the model's vocabulary size: MLM may append special tokens)."""
+    T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
+    common = {"T": T, "batch_rows": B * A, "eval_rows": B, "n_eval": cfg.train.eval_batches, "seed": cfg.train.seed}
+    if task_of(cfg) == "mlm":
+        if T < 3:
+            raise ConfigError("model.max_len must be >= 3 for masked-LM blocks ([CLS] text [SEP])")
+        specials, vocab = specials_for(tok)
+        return MLMPipeline(train_tokens, val_tokens, specials=specials, n_regular=tok.vocab_size, **common), vocab
+    return LMPipeline(train_tokens, val_tokens, **common), tok.vocab_size
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
@@ -180,10 +196,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     os.makedirs(run_dir, exist_ok=True)
 
     tok, train_tokens, val_tokens = prepare_data(cfg, run_dir)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)).validate()
+    pipeline, vocab = make_pipeline(cfg, tok, train_tokens, val_tokens)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)).validate()
     T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
-    batches = BlockIterator(train_tokens, T, B * A, cfg.train.seed)
-    val_set = eval_batches(val_tokens, T, B, cfg.train.eval_batches)
     if is_main:
         write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
 
@@ -195,23 +210,22 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         except ValueError as e:
             raise ConfigError(f"checkpoint {latest} in {run_dir} does not match this configuration "
                               f"({str(e).strip().splitlines()[0]}); use another --train.run_dir") from None
-        batches.restore(meta["data_state"])
+        pipeline.restore(meta["data_state"])
     else:
         state = create()
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     start = int(jax.device_get(state["step"]))
 
     def meta():
-        return {"config": cfg.to_dict(), "data_state": batches.state(), "tokenizer": tok.to_json()}
+        return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json()}
 
     progress = Progress(cfg, run_dir, start, is_main)
     progress.write(f"{cfg.preset}: {n_params:,} parameters, vocab {tok.vocab_size}, {len(train_tokens):,} train / "
                    f"{len(val_tokens):,} val tokens, {jax.device_count()} {jax.devices()[0].platform} device(s) "
                    f"mesh {dict(mesh.shape)}, run dir {run_dir}"
                    + (f", resuming at step {start}" if latest is not None else ""))
-    batch3 = sharding.batch_sharding(mesh, 3)
-    batch2 = sharding.batch_sharding(mesh, 2)
-    lo, hi = sharding.local_rows(batch3, (A, B, T), axis=1)
+    batch_A = sharding.batch_sharding(mesh, lead_axes=1)
+    lo, hi = sharding.local_rows(batch_A, (A, B), axis=1)
     my_rows = (np.arange(A)[:, None] * B + np.arange(lo, hi)).reshape(-1)  # of the flat (A * B) batch
     schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
     flops_tok = flops_per_token(cfg, n_params)
@@ -239,10 +253,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     with StopFlag() as stop:
         try:
             for step in range(start + 1, cfg.train.steps + 1):
-                x, y = batches.next(my_rows)
-                x = sharding.put_batch(x.reshape(A, hi - lo, T), batch3, (A, B, T))
-                y = sharding.put_batch(y.reshape(A, hi - lo, T), batch3, (A, B, T))
-                state, metrics = train_step(state, x, y)
+                batch = {k: sharding.put_batch(a.reshape(A, hi - lo, *a.shape[1:]), batch_A, (A, B, *a.shape[1:]))
+                         for k, a in pipeline.next(step, my_rows).items()}
+                state, metrics = train_step(state, batch)
                 pending.append(metrics)
                 final = step == cfg.train.steps
                 if step % cfg.train.log_interval == 0 or final or stop.signal:
@@ -260,12 +273,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 val_loss = None
                 if step % cfg.train.eval_interval == 0 or final:
                     t0 = time.perf_counter()
-                    val_loss = evaluate(eval_step, state["params"], val_set, batch2)
+                    val = evaluate(eval_step, state["params"], pipeline.val, sharding.batch_sharding(mesh))
+                    val_loss = val["loss"]
                     t_last += time.perf_counter() - t0  # evaluation time is not training throughput
                     record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                               "time": time.time()}
+                    message = f"val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}"
+                    if "accuracy" in val:
+                        record["val_accuracy"] = val["accuracy"]
+                        message += f", accuracy {val['accuracy']:.2%}"
                     result.update(record)
-                    progress.log(record, f"val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}", permanent=True)
+                    progress.log(record, message, permanent=True)
                 if step % cfg.train.ckpt_interval == 0 or final or stop.signal:
                     check_finite(step)
                     save(step, val_loss)

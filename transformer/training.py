@@ -58,49 +58,83 @@ def state_shardings(state, mesh):
     return sharding.tree_shardings(state, mesh)
 
 
+def task_of(cfg: Config) -> str:
+    """What a run trains: "lm" (decoder, next token), "mlm" (encoder, masked tokens) or "classify" (encoder + head)."""
+    if cfg.model.arch == "decoder":
+        return "lm"
+    return "classify" if cfg.model.n_classes else "mlm"
+
+
+def task_loss(model, batch: dict, key, task: str):
+    """(loss, metrics) of one batch. Batches are dicts: "inputs" and "targets" always; "valid" (real tokens) and
+    "weights" (positions that count) for the encoder tasks."""
+    if task == "lm":
+        return cross_entropy(model(batch["inputs"], dropout_key=key), batch["targets"]), {}
+    if task == "mlm":
+        logits_BTV = model(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
+        weights_BT = batch["weights"]
+        correct = (logits_BTV.argmax(-1) == batch["targets"]) * weights_BT
+        return cross_entropy(logits_BTV, batch["targets"], weights_BT), {
+            "accuracy": correct.sum() / jnp.maximum(weights_BT.sum(), 1.0)}
+    logits_BC = model.classify(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
+    labels_B = batch["targets"]
+    return cross_entropy(logits_BC[:, None], labels_B[:, None]), {
+        "accuracy": (logits_BC.argmax(-1) == labels_B).mean()}
+
+
 def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, shardings) -> tuple[Callable, Callable]:
-    """Returns (train_step, eval_step), both jitted with explicit shardings; train_step donates the state."""
+    """Returns (train_step, eval_step), both jitted with explicit shardings; train_step donates the state.
+
+    train_step(state, batch) takes arrays shaped (A, B, ...): A gradient-accumulation micro-batches of B rows;
+    eval_step(params, batch) takes (B, ...) and returns {"loss", and "accuracy" for the encoder tasks}.
+    """
     use_dropout = cfg.model.dropout > 0
+    task = task_of(cfg)
 
-    def loss_fn(params, x_BT, y_BT, key):
+    def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
-        logits_BTV = model(x_BT, dropout_key=key if use_dropout else None)
-        return cross_entropy(logits_BTV, y_BT)
+        return task_loss(model, batch, key if use_dropout else None, task)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     @sharding.activation_mesh(mesh)
-    def train_step(state, x_ABT, y_ABT):
+    def train_step(state, batch_A):
         # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call.
         params, step = state["params"], state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        if x_ABT.shape[0] == 1:
-            loss, grads = grad_fn(params, x_ABT[0], y_ABT[0], key)
+        A = batch_A["inputs"].shape[0]
+        if A == 1:
+            (loss, _), grads = grad_fn(params, jax.tree.map(lambda a: a[0], batch_A), key)
         else:
             def micro(carry, inputs):
-                x_BT, y_BT, i = inputs
-                loss, grads = grad_fn(params, x_BT, y_BT, jax.random.fold_in(key, i))
+                batch, i = inputs
+                (loss, _), grads = grad_fn(params, batch, jax.random.fold_in(key, i))
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            idx = jnp.arange(x_ABT.shape[0])
-            (loss, grads), _ = jax.lax.scan(micro, zero, (x_ABT, y_ABT, idx))
-            loss, grads = jax.tree.map(lambda g: g / x_ABT.shape[0], (loss, grads))
+            (loss, grads), _ = jax.lax.scan(micro, zero, (batch_A, jnp.arange(A)))
+            loss, grads = jax.tree.map(lambda g: g / A, (loss, grads))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1,
                      "rng": state["rng"]}
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     @sharding.activation_mesh(mesh)
-    def eval_step(params, x_BT, y_BT):
-        return loss_fn(params, x_BT, y_BT, None)
+    def eval_step(params, batch):
+        loss, metrics = loss_fn(params, batch, None)
+        return {"loss": loss, **metrics}
 
-    batch3 = sharding.batch_sharding(mesh, 3)
-    batch2 = sharding.batch_sharding(mesh, 2)
     repl = sharding.replicated(mesh)
-    train = jax.jit(train_step, in_shardings=(shardings, batch3, batch3), out_shardings=(shardings, repl),
-                    donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], batch2, batch2), out_shardings=repl)
+    keys = BATCH_KEYS[task]
+    train = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, repl),
+                    in_shardings=(shardings, dict.fromkeys(keys, sharding.batch_sharding(mesh, lead_axes=1))))
+    evaluate = jax.jit(eval_step, out_shardings=repl,
+                       in_shardings=(shardings["params"], dict.fromkeys(keys, sharding.batch_sharding(mesh))))
     return train, evaluate
+
+
+# The arrays in one batch of each task (every one has the batch axis first, after the accumulation axis).
+BATCH_KEYS = {"lm": ("inputs", "targets"), "mlm": ("inputs", "targets", "weights", "valid"),
+              "classify": ("inputs", "targets", "valid")}
 
 
 def flops_per_token(cfg: Config, n_params: int) -> float:

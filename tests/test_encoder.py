@@ -1,0 +1,96 @@
+"""Encoder-only (BERT-style) model: bidirectional attention, the masking recipe, the MLM loss, and fill-mask."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transformer.config import Config, ModelConfig
+from transformer.encoder import EncoderLM
+from transformer.mlm import Specials, frame, mask_tokens
+from transformer.training import task_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ModelConfig(arch="encoder", vocab_size=40, d_model=32, n_heads=4, n_layers=2, max_len=16, use_bias=True,
+                   norm_position="post", embed_norm=True, type_vocab_size=2, activation="gelu_exact")
+
+
+def test_no_causal_mask_and_padding_is_ignored():
+    model = EncoderLM(TINY, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[1, 5, 6, 7, 8, 9, 0, 0]])
+    valid = tokens != 0
+    h = model.hidden(tokens, valid_BT=valid)
+    # Changing the last real token changes the first position's output: attention looks both ways.
+    h_last = model.hidden(tokens.at[0, 5].set(12), valid_BT=valid)
+    assert float(jnp.abs(h_last[0, 0] - h[0, 0]).max()) > 1e-4
+    # Changing a padding token changes nothing at the real positions.
+    h_pad = model.hidden(tokens.at[0, 7].set(12), valid_BT=valid)
+    np.testing.assert_allclose(h_pad[0, :6], h[0, :6], atol=1e-6)
+
+
+def test_masking_recipe_proportions():
+    sp = Specials(cls=100, sep=101, mask=102, pad=103)
+    rng = np.random.default_rng(0)
+    tokens = frame(rng.integers(0, 100, (400, 500)), sp)
+    inputs, targets, weights = mask_tokens(tokens, np.random.default_rng(1), sp, n_regular=100)
+    np.testing.assert_array_equal(targets, tokens)
+    sel = weights.astype(bool)
+    assert not sel[:, 0].any() and not sel[:, -1].any()  # [CLS] / [SEP] never selected
+    regular = tokens.size - 2 * len(tokens)
+    assert abs(sel.sum() / regular - 0.15) < 0.005
+    masked = (inputs == sp.mask) & sel
+    unchanged = (inputs == tokens) & sel
+    replaced = sel & ~masked & ~unchanged
+    # a random replacement can hit the original token (1 in 100): "unchanged" is 10% + 0.1% of that
+    assert abs(masked.sum() / sel.sum() - 0.8) < 0.01
+    assert abs(unchanged.sum() / sel.sum() - 0.101) < 0.01
+    assert abs(replaced.sum() / sel.sum() - 0.099) < 0.01
+    assert (inputs[~sel] == tokens[~sel]).all()  # nothing else is touched
+
+
+def test_mlm_loss_counts_only_selected_positions():
+    model = EncoderLM(TINY, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 36, (2, 12)).astype(np.int32)
+    weights = np.zeros((2, 12), np.float32)
+    weights[0, 3] = weights[1, 7] = 1.0
+    batch = {"inputs": jnp.asarray(targets), "targets": jnp.asarray(targets), "weights": jnp.asarray(weights),
+             "valid": jnp.ones((2, 12), bool)}
+    loss, _ = task_loss(model, batch, None, "mlm")
+    logp = jax.nn.log_softmax(model(batch["inputs"], valid_BT=batch["valid"]))
+    expected = -(logp[0, 3, targets[0, 3]] + logp[1, 7, targets[1, 7]]) / 2
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    other = targets.copy()
+    other[0, 0] = (other[0, 0] + 1) % 36  # an unselected target: no effect
+    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")[0]) == float(loss)
+    other[0, 3] = (other[0, 3] + 1) % 36  # a selected one: changes the loss
+    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")[0]) != float(loss)
+
+
+def test_mlm_training_and_fill_mask(tmp_path):
+    """A tiny MLM overfit to a few sentences (train.py, char tokenizer) recovers a masked word with sample.py."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 400)
+    run = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": ""}
+    args = [sys.executable, os.path.join(REPO, "train.py"), "--config", "bert_mlm_tiny", "--data.path", str(corpus),
+            "--data.tokenizer=char", "--train.run_dir", str(run), "--train.steps=400", "--model.dropout=0",
+            "--model.max_len=32", "--model.d_model=64", "--model.n_layers=2", "--train.batch_size=16",
+            "--optim.warmup_steps=10", "--optim.lr=3e-3", "--train.eval_interval=400", "--train.progress=false",
+            "--data.val_fraction=0.1"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "accuracy" in out.stdout
+    cfg = Config.from_dict(__import__("json").load(open(run / "config.json")))
+    assert cfg.model.arch == "encoder" and cfg.model.vocab_size > 4
+    fill = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(run), "--fill-mask",
+                           "the cat sat on the [MASK]at."], capture_output=True, text=True, env=env, cwd=REPO)
+    assert fill.returncode == 0, fill.stderr[-2000:]
+    first = fill.stdout.splitlines()[0]
+    assert first.startswith("[MASK] 1: 'm'"), fill.stdout  # the top prediction is the masked character
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(run), "--fill-mask",
+                          "no mask here"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "needs at least one [MASK]" in bad.stderr and "Traceback" not in bad.stderr
