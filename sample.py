@@ -84,7 +84,7 @@ def encoder_main(args) -> int:
             for i, preds in enumerate(encode.fill_mask(run, args.fill_mask, top_k=max(args.top_k, 5))):
                 print(f"[MASK] {i + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in preds))
         elif args.classify:
-            names = [str(i) for i in range(run.cfg.model.n_classes)]
+            names = run.labels or [str(i) for i in range(run.cfg.model.n_classes)]
             for text, probs in zip(args.classify, encode.classify(run, args.classify)):
                 best = sorted(zip(names, probs), key=lambda x: -x[1])
                 print(f"{text!r}: " + "  ".join(f"{n} {p:.3f}" for n, p in best))

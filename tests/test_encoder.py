@@ -94,3 +94,43 @@ def test_mlm_training_and_fill_mask(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(run), "--fill-mask",
                           "no mask here"], capture_output=True, text=True, env=env, cwd=REPO)
     assert bad.returncode == 2 and "needs at least one [MASK]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+ANIMALS = ["cat", "dog", "bird"]
+FILLER = ["the", "a", "big", "small", "red", "quiet", "runs", "sleeps", "near", "house", "tree", "eats", "old"]
+
+
+def test_classifier_fine_tuned_from_mlm(tmp_path):
+    """MLM-pretrain a tiny encoder, fine-tune it (new head) on a learnable 3-way task: >= 95% val accuracy."""
+    import json
+    import random
+
+    from transformer.cli import parse_args
+    from transformer.loading import load_run
+    from transformer.trainer import train
+    rng = random.Random(0)
+    rows = []
+    for _ in range(1500):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
+        animal = rng.choice(ANIMALS)
+        words.insert(rng.randint(0, len(words)), animal)
+        rows.append({"sentence": " ".join(words), "label": animal})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "text.txt").write_text("\n".join(r["sentence"] for r in rows))
+    tiny = ["--model.d_model=64", "--model.n_layers=2", "--model.max_len=48", "--train.batch_size=32",
+            "--train.progress=false", "--data.tokenizer=sentencepiece", "--data.vocab_size=300", "--model.dropout=0"]
+    mlm = tmp_path / "mlm"
+    train(parse_args(["--config", "bert_mlm_tiny", "--data.path", str(tmp_path / "text.txt"), "--train.run_dir",
+                      str(mlm), "--train.steps=40", "--train.eval_interval=40", *tiny])[0])
+    clf = tmp_path / "clf"
+    out = train(parse_args(["--config", "classify_tiny", "--data.path", str(tmp_path / "train.jsonl"),
+                            "--data.text_column=sentence", "--train.init_from", str(mlm), "--train.run_dir", str(clf),
+                            "--train.steps=150", "--train.eval_interval=150", "--optim.lr=2e-3",
+                            "--optim.warmup_steps=10", *tiny])[0])
+    assert out["val_accuracy"] >= 0.95, out
+    run = load_run(str(clf))
+    assert run.labels == ["bird", "cat", "dog"] and run.cfg.model.n_classes == 3
+    assert run.cfg.model.d_model == 64  # the model config came from the MLM run
+    from transformer import encode
+    probs = encode.classify(run, ["the dog sleeps near a tree", "a small bird eats"])
+    assert probs.argmax(1).tolist() == [2, 0]

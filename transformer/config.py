@@ -65,6 +65,7 @@ class DataConfig:
     val_split: str = ""
     val_fraction: float = 0.1  # used when no validation data is given: the last fraction of the text
     text_column: str = "text"
+    label_column: str = "label"  # classification runs
     tokenizer: Literal["char", "sentencepiece"] = "char"
     tokenizer_model: str = ""  # a trained sentencepiece .model; "" trains one on the training split
     vocab_size: int = 4096  # sentencepiece vocabulary when training one
@@ -100,6 +101,8 @@ class TrainConfig:
     peak_tflops: float = 0.0  # 0: looked up from the device kind (for MFU)
     progress: bool = True
     sample_tokens: int = 200  # after training, print a sample of this many tokens (0: none)
+    task: Literal["", "lm", "mlm", "classify"] = ""  # "": lm for a decoder, mlm for an encoder
+    init_from: str = ""  # a run dir (e.g. an MLM run) whose model config and weights start this run; new heads fresh
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class Config:
         _positive(m, "d_model", "n_heads", "n_layers", "max_len")
         _positive(t, "steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_batches",
                   "ckpt_interval", "keep_checkpoints")
+        if t.task in ("mlm", "classify") and m.arch != "encoder" or t.task == "lm" and m.arch != "decoder":
+            raise ConfigError(f"train.task={t.task} needs model.arch={'decoder' if t.task == 'lm' else 'encoder'}, "
+                              f"got {m.arch}")
         if m.d_model % m.n_heads:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                               "pick sizes so that d_head = d_model / n_heads is a whole number")

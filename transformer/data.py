@@ -55,6 +55,59 @@ def load_texts(cfg: DataConfig) -> tuple[list[str], list[str] | None]:
     return train, None
 
 
+def load_examples(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+    """(text, label) pairs for classification from local .csv / .json / .jsonl / .parquet files or a hub dataset:
+    the training examples, and the validation ones (None when no validation data is given)."""
+    if cfg.path == "":
+        raise ConfigError("classification needs data.path: a .csv / .jsonl / .parquet file or a hub dataset with "
+                          f"columns {cfg.text_column!r} and {cfg.label_column!r}")
+    from_hub = not _is_local(cfg.path)
+
+    def read(path, split):
+        import datasets
+
+        if from_hub and path == cfg.path:
+            try:
+                ds = datasets.load_dataset(path, cfg.name or None, split=split)
+            except Exception as e:
+                raise ConfigError(f"could not load {path!r} (split {split!r}) from the Hugging Face hub and it is not "
+                                  f"a local file: {type(e).__name__}: {_first_line(e)}") from None
+        else:
+            files = _local_files(path)
+            builders = {_BUILDERS.get(_ext(f)) for f in files}
+            if len(builders) != 1 or None in builders:
+                raise ConfigError(f"classification data {path} must be .csv, .json, .jsonl or .parquet files of one "
+                                  "type")
+            try:
+                ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+            except Exception as e:
+                raise ConfigError(f"could not read {path}: {type(e).__name__}: {_first_line(e)}") from None
+        missing = [c for c in (cfg.text_column, cfg.label_column) if c not in ds.column_names]
+        if missing:
+            raise ConfigError(f"{path} has no column {missing[0]!r} (data.text_column / data.label_column); "
+                              f"available columns: {', '.join(ds.column_names)}")
+        rows = [(t, str(lab)) for t, lab in zip(ds[cfg.text_column], ds[cfg.label_column])
+                if isinstance(t, str) and t and lab is not None]
+        if not rows:
+            raise ConfigError(f"no labelled text in {path}")
+        return rows
+
+    train = read(cfg.path, cfg.split)
+    if cfg.val_path:
+        return train, read(cfg.val_path, "train")
+    if cfg.val_split:
+        return train, read(cfg.path, cfg.val_split)
+    return train, None
+
+
+def label_names(examples: list[tuple[str, str]]) -> list[str]:
+    """The sorted distinct labels (numerically when they all are integers): label id i is names[i]."""
+    names = sorted({lab for _, lab in examples})
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    return names
+
+
 def split_text(docs: list[str], val_fraction: float, val_docs: list[str] | None = None) -> tuple[str, str]:
     """(train_text, val_text). Without validation documents, the last `val_fraction` of the characters of the joined
     training documents is held out: a contiguous tail, so no block of validation text was seen in training."""

@@ -23,6 +23,7 @@ class LoadedRun:
     graphdef: nnx.GraphDef
     params: nnx.State
     step: int
+    labels: list[str] | None = None  # a classifier's label names (label id i is labels[i])
 
     def encode_prompt(self, text: str) -> list[int]:
         """Prompt token ids; text that encodes to nothing becomes BOS (or a newline for a char tokenizer)."""
@@ -69,7 +70,7 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
                               f"{str(e).strip().splitlines()[0][:200]})") from None
     finally:
         ckpt.close()
-    return LoadedRun(cfg, tok, graphdef, params, step)
+    return LoadedRun(cfg, tok, graphdef, params, step, meta.get("labels"))
 
 
 def _load_hf(path: str, step: int | None, mesh) -> LoadedRun:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from transformer.config import ConfigError
 from transformer.data import BlockIterator, eval_batches
 from transformer.mlm import Specials, frame, mask_tokens
 
@@ -57,3 +58,54 @@ class MLMPipeline:
 
     def restore(self, state: dict) -> None:
         self.blocks.restore(state)
+
+
+class ClassifyPipeline:
+    """Labelled texts as [CLS] text [SEP] (truncated to T, padded), visited in a seeded order per epoch."""
+
+    def __init__(self, train, val, *, T: int, batch_rows: int, eval_rows: int, n_eval: int, seed: int,
+                 encode, specials: Specials, labels: list[str]):
+        ids = {name: i for i, name in enumerate(labels)}
+        unknown = sorted({lab for _, lab in val} - set(ids))
+        if unknown:
+            raise ConfigError(f"validation label {unknown[0]!r} never occurs in the training data")
+        self.sp, self.T, self.batch_rows, self.seed = specials, T, batch_rows, seed
+        self.train = self._encode(train, encode, ids)
+        val = self._encode(val, encode, ids)
+        n = len(val["targets"])
+        n_full = min(n_eval, n // eval_rows)
+        order = np.arange(max(n_full, 1) * eval_rows) % n  # fewer than one batch: repeat examples cyclically
+        self.val = [{k: a[order[i * eval_rows:(i + 1) * eval_rows]] for k, a in val.items()}
+                    for i in range(max(n_full, 1))]
+        self.epoch, self.index = 0, 0
+
+    def _encode(self, examples, encode, ids) -> dict:
+        T, sp = self.T, self.sp
+        inputs = np.full((len(examples), T), sp.pad, np.int32)
+        for i, (text, _) in enumerate(examples):
+            row = np.concatenate([[sp.cls], encode(text)[:T - 2], [sp.sep]])
+            inputs[i, :len(row)] = row
+        targets = np.array([ids[lab] for _, lab in examples], np.int32)
+        return {"inputs": inputs, "targets": targets, "valid": inputs != sp.pad}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train["targets"]))
+
+    def next(self, step: int, rows: np.ndarray) -> dict:
+        picked, need = [], self.batch_rows
+        while need:
+            order = self._order(self.epoch)
+            take = order[self.index:self.index + need]
+            picked.append(take)
+            self.index += len(take)
+            need -= len(take)
+            if self.index == len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+        idx = np.concatenate(picked)[rows]
+        return {k: a[idx] for k, a in self.train.items()}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -18,10 +18,11 @@ from flax import nnx
 from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError
-from transformer.data import load_texts, split_text
+from transformer.data import label_names, load_examples, load_texts, split_text
+from transformer.loading import load_run
 from transformer.mlm import specials_for
 from transformer.models import build_model
-from transformer.pipelines import LMPipeline, MLMPipeline
+from transformer.pipelines import ClassifyPipeline, LMPipeline, MLMPipeline
 from transformer.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from transformer.training import (flops_per_token, init_state, lr_schedule, make_optimizer, make_steps, task_of,
                                   peak_tflops)
@@ -40,15 +41,16 @@ def run_dir_of(cfg: Config) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- data
 
-def prepare_data(cfg: Config, run_dir: str) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
-    """Tokenizer and token streams; cached in the run dir so a resumed run trains on exactly the same tokens."""
+def prepare_data(cfg: Config, run_dir: str, tok: Tokenizer | None = None) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    """Tokenizer (trained here unless given) and token streams; cached in the run dir so a resumed run trains on
+    exactly the same tokens."""
     tok_dir = os.path.join(run_dir, TOKENS_DIR)
     train_path, val_path = os.path.join(tok_dir, "train.npy"), os.path.join(tok_dir, "val.npy")
     if all(os.path.exists(p) for p in (train_path, val_path, os.path.join(run_dir, "tokenizer.json"))):
         return load_tokenizer(run_dir), np.load(train_path), np.load(val_path)
     docs, val_docs = load_texts(cfg.data)
     train_text, val_text = split_text(docs, cfg.data.val_fraction, val_docs)
-    tok = build_tokenizer(cfg.data, train_text, val_text)
+    tok = tok or build_tokenizer(cfg.data, train_text, val_text)
     train_tokens, val_tokens = tok.encode(train_text), tok.encode(val_text)
     if jax.process_index() == 0:  # every host computes the same tokens; one writes the cache
         os.makedirs(tok_dir, exist_ok=True)
@@ -60,16 +62,42 @@ def prepare_data(cfg: Config, run_dir: str) -> tuple[Tokenizer, np.ndarray, np.n
     return tok, train_tokens, val_tokens
 
 
+def prepare_classify(cfg: Config, run_dir: str, tok: Tokenizer | None):
+    """Labelled examples (train, val), their label names, and the tokenizer (given, cached in the run, or trained
+    on the training texts)."""
+    train, val = load_examples(cfg.data)
+    if val is None:  # hold out a seeded random fraction: files are often sorted by label
+        order = np.random.default_rng(0).permutation(len(train))
+        cut = int(len(train) * (1.0 - cfg.data.val_fraction))
+        if not 0 < cut < len(train):
+            raise ConfigError(f"cannot hold out data.val_fraction={cfg.data.val_fraction} of {len(train)} examples; "
+                              "give more data or data.val_path")
+        train, val = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    labels = label_names(train)
+    if len(labels) < 2:
+        raise ConfigError(f"classification needs at least 2 labels in column {cfg.data.label_column!r}, found "
+                          f"{labels}")
+    if tok is None and os.path.exists(os.path.join(run_dir, "tokenizer.json")):
+        tok = load_tokenizer(run_dir)
+    if tok is None:
+        tok = build_tokenizer(cfg.data, "\n".join(t for t, _ in train), "\n".join(t for t, _ in val))
+    if jax.process_index() == 0:
+        save_tokenizer(tok, run_dir)
+    return tok, train, val, labels
+
+
 def check_run_dir(cfg: Config, run_dir: str) -> None:
     """An existing run dir must hold the same model and data, or resuming would silently mix two experiments."""
     saved = read_run_config(run_dir)
     if saved is None:
         return
-    for section in ("model", "data"):
+    # With train.init_from the model config comes from that run, so only the data must match.
+    for section in ("data",) if cfg.train.init_from else ("model", "data"):
         ours = dataclasses.asdict(getattr(cfg, section))
         theirs = dict(saved.get(section, {}))
         if section == "model":
-            ours.pop("vocab_size"), theirs.pop("vocab_size", None)  # derived from the tokenizer
+            for derived in ("vocab_size", "n_classes"):  # from the tokenizer and the labels
+                ours.pop(derived), theirs.pop(derived, None)
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
             k = diff[0]
@@ -167,16 +195,23 @@ def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> dict:
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
-def make_pipeline(cfg: Config, tok: Tokenizer, train_tokens, val_tokens):
-    """The batches of this run's task (and the model's vocabulary size: MLM may append special tokens)."""
+def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None):
+    """The batches of this run's task (and the model's vocabulary size: the encoder tasks may append special
+    tokens). The data are token streams, or (text, label) pairs for classification."""
     T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
     common = {"T": T, "batch_rows": B * A, "eval_rows": B, "n_eval": cfg.train.eval_batches, "seed": cfg.train.seed}
+    if task_of(cfg) == "classify":
+        specials, vocab = specials_for(tok)
+        plain = getattr(tok, "mask_id", None) is None  # WordPiece adds [CLS] / [SEP] itself unless told not to
+        encode = tok.encode if plain else (lambda t: tok.encode(t, add_special_tokens=False))
+        return ClassifyPipeline(train_data, val_data, encode=encode, specials=specials, labels=labels,
+                                **common), vocab
     if task_of(cfg) == "mlm":
         if T < 3:
             raise ConfigError("model.max_len must be >= 3 for masked-LM blocks ([CLS] text [SEP])")
         specials, vocab = specials_for(tok)
-        return MLMPipeline(train_tokens, val_tokens, specials=specials, n_regular=tok.vocab_size, **common), vocab
-    return LMPipeline(train_tokens, val_tokens, **common), tok.vocab_size
+        return MLMPipeline(train_data, val_data, specials=specials, n_regular=tok.vocab_size, **common), vocab
+    return LMPipeline(train_data, val_data, **common), tok.vocab_size
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
@@ -195,9 +230,22 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         raise ConfigError(f"--resume: no checkpoint in {run_dir}; drop --resume to start a new run there")
     os.makedirs(run_dir, exist_ok=True)
 
-    tok, train_tokens, val_tokens = prepare_data(cfg, run_dir)
-    pipeline, vocab = make_pipeline(cfg, tok, train_tokens, val_tokens)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)).validate()
+    source = None
+    if cfg.train.init_from:  # start from another run's model (e.g. an MLM run): its config, tokenizer, weights
+        source = load_run(cfg.train.init_from, mesh=mesh)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, dropout=cfg.model.dropout,
+                                                                 n_classes=0))
+    labels = None
+    if task_of(cfg) == "classify":
+        tok, train_data, val_data, labels = prepare_classify(cfg, run_dir, source and source.tokenizer)
+    else:
+        tok, train_data, val_data = prepare_data(cfg, run_dir, source and source.tokenizer)
+    pipeline, vocab = make_pipeline(cfg, tok, train_data, val_data, labels)
+    if source is not None and vocab != source.cfg.model.vocab_size:
+        raise ConfigError(f"{cfg.train.init_from} has a vocabulary of {source.cfg.model.vocab_size}, this task needs "
+                          f"{vocab}")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab,
+                                                             n_classes=len(labels or ()))).validate()
     T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
     if is_main:
         write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
@@ -213,15 +261,23 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         pipeline.restore(meta["data_state"])
     else:
         state = create()
+        if source is not None:  # the source's weights where this model has the same modules; new heads stay fresh
+            params = state["params"]
+            for name in source.params:
+                if name in params:
+                    params[name] = source.params[name]
+            state = {**state, "params": params}
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     start = int(jax.device_get(state["step"]))
 
     def meta():
-        return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json()}
+        return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json(),
+                "labels": labels}
 
     progress = Progress(cfg, run_dir, start, is_main)
-    progress.write(f"{cfg.preset}: {n_params:,} parameters, vocab {tok.vocab_size}, {len(train_tokens):,} train / "
-                   f"{len(val_tokens):,} val tokens, {jax.device_count()} {jax.devices()[0].platform} device(s) "
+    unit = "examples" if labels else "tokens"
+    progress.write(f"{cfg.preset}: {n_params:,} parameters, vocab {cfg.model.vocab_size}, {len(train_data):,} train / "
+                   f"{len(val_data):,} val {unit}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
                    f"mesh {dict(mesh.shape)}, run dir {run_dir}"
                    + (f", resuming at step {start}" if latest is not None else ""))
     batch_A = sharding.batch_sharding(mesh, lead_axes=1)

@@ -60,9 +60,9 @@ def state_shardings(state, mesh):
 
 def task_of(cfg: Config) -> str:
     """What a run trains: "lm" (decoder, next token), "mlm" (encoder, masked tokens) or "classify" (encoder + head)."""
-    if cfg.model.arch == "decoder":
-        return "lm"
-    return "classify" if cfg.model.n_classes else "mlm"
+    if cfg.train.task:
+        return cfg.train.task
+    return "lm" if cfg.model.arch == "decoder" else "mlm"
 
 
 def task_loss(model, batch: dict, key, task: str):
