@@ -86,23 +86,41 @@ class Attention(nnx.Module):
         else:
             self.b_qkv_CNH = self.b_o_D = None
 
-    def __call__(self, x_BTD, *, mask_B1TS=None, positions_BT=None, context_BSD=None, dropout_key=None,
-                 cache=None, cache_index=None):
+    def cross_kv(self, context_BSD) -> dict:
+        """Cross-attention keys and values of the encoder output ({"k": B N H S, "v": B N S H}): computed once per
+        source and reused at every decoding step."""
+        kv_BSCNH = dense(context_BSD, self.w_kv_DCNH[...], self.mm)
+        k_BSNH, v_BSNH = kv_BSCNH[:, :, 0], kv_BSCNH[:, :, 1]
+        if self.b_qkv_CNH is not None:
+            b = self.b_qkv_CNH[...].astype(k_BSNH.dtype)
+            k_BSNH, v_BSNH = k_BSNH + b[1], v_BSNH + b[2]
+        k_BSNH, v_BSNH = constrain(k_BSNH, ACT_BTNH), constrain(v_BSNH, ACT_BTNH)
+        return {"k": k_BSNH.transpose(0, 2, 3, 1), "v": v_BSNH.transpose(0, 2, 1, 3)}
+
+    def _project_out(self, out_BTNH):
+        y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm)
+        if self.b_o_D is not None:
+            y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
+        return y_BTD
+
+    def __call__(self, x_BTD, *, mask_B1TS=None, positions_BT=None, context_BSD=None, context_kv=None,
+                 dropout_key=None, cache=None, cache_index=None):
         """Full forward: returns y_BTD. With a `cache` ({"k": B N H S, "v": B N S H}) the new keys and values are written at
         slot `cache_index`, the queries attend over all S slots (the mask says which are visible), and it returns
-        (y_BTD, new_cache): the same code serves prefill (T = prompt) and decode (T = 1)."""
+        (y_BTD, new_cache): the same code serves prefill (T = prompt) and decode (T = 1). Cross-attention takes the
+        encoder output as `context_BSD`, or its precomputed `context_kv` (from `cross_kv`)."""
         if self.cross:
             q_BTNH = dense(x_BTD, self.w_q_DNH[...], self.mm)
-            kv_BSCNH = dense(context_BSD, self.w_kv_DCNH[...], self.mm)
-            k_BSNH, v_BSNH = kv_BSCNH[:, :, 0], kv_BSCNH[:, :, 1]
             if self.b_qkv_CNH is not None:
-                b = self.b_qkv_CNH[...].astype(x_BTD.dtype)
-                q_BTNH, k_BSNH, v_BSNH = q_BTNH + b[0], k_BSNH + b[1], v_BSNH + b[2]
-        else:
-            qkv_BTCNH = dense(x_BTD, self.w_qkv_DCNH[...], self.mm)
-            if self.b_qkv_CNH is not None:
-                qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
-            q_BTNH, k_BSNH, v_BSNH = qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
+                q_BTNH = q_BTNH + self.b_qkv_CNH[...].astype(q_BTNH.dtype)[0]
+            kv = self.cross_kv(context_BSD) if context_kv is None else context_kv
+            out_BTNH = attend(constrain(q_BTNH, ACT_BTNH), kv["k"], kv["v"], mask_B1TS,
+                              dropout_rate=self.dropout_rate, dropout_key=dropout_key)
+            return self._project_out(out_BTNH)
+        qkv_BTCNH = dense(x_BTD, self.w_qkv_DCNH[...], self.mm)
+        if self.b_qkv_CNH is not None:
+            qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
+        q_BTNH, k_BSNH, v_BSNH = qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
         if self.rotary:  # keys are cached already rotated: rotary scores depend only on relative position
             q_BTNH = rotary(q_BTNH, positions_BT, self.rope_theta)
             k_BSNH = rotary(k_BSNH, positions_BT, self.rope_theta)
@@ -126,9 +144,7 @@ class Attention(nnx.Module):
                                                        (0, 0, 0, cache_index)),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v_BNSH.astype(cache["v"].dtype),
                                                        (0, 0, cache_index, 0))}
-        y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm)
-        if self.b_o_D is not None:
-            y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
+        y_BTD = self._project_out(out_BTNH)
         return y_BTD if cache is None else (y_BTD, cache)
 
 

@@ -23,11 +23,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["decoder", "encoder"] = "decoder"  # GPT-style causal LM, or BERT-style bidirectional encoder
+    # GPT-style causal LM, BERT-style bidirectional encoder, or the original encoder-decoder (translation)
+    arch: Literal["decoder", "encoder", "encoder_decoder"] = "decoder"
     vocab_size: int = 0  # 0: taken from the tokenizer
     d_model: int = 128
     n_heads: int = 4
-    n_layers: int = 4
+    n_layers: int = 4  # the encoder's, for an encoder-decoder
+    n_decoder_layers: int = 0  # encoder-decoder: 0 means n_layers
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (the original Transformer)
     d_ff: int = 0  # 0: 4 * d_model
     max_len: int = 64  # context length (the block size)
     positions: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"

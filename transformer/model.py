@@ -40,8 +40,9 @@ class Block(nnx.Module):
         return norm(x + dropout(sublayer(x), self.dropout_rate, key))
 
     def __call__(self, x_BTD, *, mask_B1TS, positions_BT, context_BSD=None, context_mask_B1TS=None,
-                 dropout_key=None, cache=None, cache_index=None):
-        """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given."""
+                 context_kv=None, dropout_key=None, cache=None, cache_index=None):
+        """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given. A cross-attention block
+        reads the encoder output `context_BSD`, or this layer's precomputed `context_kv`."""
         k = split_key(dropout_key, 5)
         new_cache = None
         x_BTD = constrain(x_BTD, ACT_BTD)
@@ -59,7 +60,8 @@ class Block(nnx.Module):
         if self.cross_attn is not None:
             x_BTD = self._residual(
                 x_BTD, self.cross_norm,
-                lambda h: self.cross_attn(h, mask_B1TS=context_mask_B1TS, context_BSD=context_BSD), k[2])
+                lambda h: self.cross_attn(h, mask_B1TS=context_mask_B1TS, context_BSD=context_BSD,
+                                          context_kv=context_kv, dropout_key=k[4]), k[2])
         x_BTD = constrain(self._residual(x_BTD, self.mlp_norm, self.mlp, k[3]), ACT_BTD)
         return x_BTD if cache is None else (x_BTD, new_cache)
 

@@ -6,8 +6,9 @@ from flax import nnx
 from transformer.config import ModelConfig
 from transformer.encoder import EncoderLM
 from transformer.model import DecoderLM
+from transformer.seq2seq import EncoderDecoder
 
-ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM}
+ARCHS = {"decoder": DecoderLM, "encoder": EncoderLM, "encoder_decoder": EncoderDecoder}
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
