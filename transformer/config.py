@@ -69,6 +69,14 @@ class DataConfig:
     val_fraction: float = 0.1  # used when no validation data is given: the last fraction of the text
     text_column: str = "text"
     label_column: str = "label"  # classification runs
+    # Translation: two aligned local text files (one sentence per line), or a hub dataset with a `translation`
+    # column of {source_lang: ..., target_lang: ...} (data.path / data.split / data.val_split).
+    source_file: str = ""
+    target_file: str = ""
+    val_source_file: str = ""
+    val_target_file: str = ""
+    source_lang: str = "de"
+    target_lang: str = "en"
     tokenizer: Literal["char", "sentencepiece"] = "char"
     tokenizer_model: str = ""  # a trained sentencepiece .model; "" trains one on the training split
     vocab_size: int = 4096  # sentencepiece vocabulary when training one
@@ -87,6 +95,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0  # translation: 0.1 in the original Transformer
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # 0: looked up from the device kind (for MFU)
     progress: bool = True
     sample_tokens: int = 200  # after training, print a sample of this many tokens (0: none)
-    task: Literal["", "lm", "mlm", "classify"] = ""  # "": lm for a decoder, mlm for an encoder
+    task: Literal["", "lm", "mlm", "classify", "seq2seq"] = ""  # "": by model.arch (lm / mlm / seq2seq)
     init_from: str = ""  # a run dir (e.g. an MLM run) whose model config and weights start this run; new heads fresh
 
 
@@ -129,9 +138,11 @@ class Config:
         _positive(m, "d_model", "n_heads", "n_layers", "max_len")
         _positive(t, "steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_batches",
                   "ckpt_interval", "keep_checkpoints")
-        if t.task in ("mlm", "classify") and m.arch != "encoder" or t.task == "lm" and m.arch != "decoder":
-            raise ConfigError(f"train.task={t.task} needs model.arch={'decoder' if t.task == 'lm' else 'encoder'}, "
-                              f"got {m.arch}")
+        need = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "seq2seq": "encoder_decoder"}.get(t.task)
+        if need and m.arch != need:
+            raise ConfigError(f"train.task={t.task} needs model.arch={need}, got {m.arch}")
+        if not 0.0 <= o.label_smoothing < 1.0:
+            raise ConfigError(f"optim.label_smoothing={o.label_smoothing} must be in [0, 1)")
         if m.d_model % m.n_heads:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                               "pick sizes so that d_head = d_model / n_heads is a whole number")

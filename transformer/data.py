@@ -100,6 +100,49 @@ def load_examples(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[st
     return train, None
 
 
+def load_pairs(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+    """(source, target) sentence pairs for translation: training pairs, and validation pairs (None if not given)."""
+    if cfg.source_file or cfg.target_file:
+        train = _read_aligned(cfg.source_file, cfg.target_file)
+        val = _read_aligned(cfg.val_source_file, cfg.val_target_file) if (cfg.val_source_file or
+                                                                          cfg.val_target_file) else None
+        return train, val
+    if not cfg.path:
+        raise ConfigError("translation needs data.source_file and data.target_file (aligned text files), or "
+                          "data.path naming a hub dataset with a 'translation' column")
+    import datasets
+
+    def hub(split):
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.name or None, split=split)
+        except Exception as e:
+            raise ConfigError(f"could not load {cfg.path!r} (split {split!r}) from the Hugging Face hub: "
+                              f"{type(e).__name__}: {_first_line(e)}") from None
+        if "translation" not in ds.column_names:
+            raise ConfigError(f"{cfg.path} has no 'translation' column; available: {', '.join(ds.column_names)}")
+        pairs = [(t.get(cfg.source_lang), t.get(cfg.target_lang)) for t in ds["translation"]]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
+            raise ConfigError(f"no {cfg.source_lang}-{cfg.target_lang} pairs in {cfg.path} ({split})")
+        return pairs
+
+    return hub(cfg.split), hub(cfg.val_split) if cfg.val_split else None
+
+
+def _read_aligned(source: str, target: str) -> list[tuple[str, str]]:
+    if not (source and target):
+        raise ConfigError("give both files of a parallel corpus (data.source_file and data.target_file, or "
+                          "data.val_source_file and data.val_target_file)")
+    src, tgt = (_read_txt(_local_files(p)[0]).splitlines() for p in (source, target))
+    if len(src) != len(tgt):
+        raise ConfigError(f"{source} has {len(src)} lines but {target} has {len(tgt)}: the files are not aligned "
+                          "line by line")
+    pairs = [(a.strip(), b.strip()) for a, b in zip(src, tgt) if a.strip() and b.strip()]
+    if not pairs:
+        raise ConfigError(f"no sentence pairs in {source} / {target}")
+    return pairs
+
+
 def label_names(examples: list[tuple[str, str]]) -> list[str]:
     """The sorted distinct labels (numerically when they all are integers): label id i is names[i]."""
     names = sorted({lab for _, lab in examples})

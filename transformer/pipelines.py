@@ -109,3 +109,95 @@ class ClassifyPipeline:
 
     def restore(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def bucket_lengths(max_len: int) -> list[int]:
+    """Padded lengths a batch may take (a handful, so the step compiles a handful of times)."""
+    sizes = [n for n in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if n < max_len]
+    return sizes + [max_len]
+
+
+class Seq2SeqPipeline:
+    """Translation pairs as (source, BOS + target) -> (target + EOS), in batches of similar length: each epoch
+    groups the pairs by padded length bucket, shuffles within buckets, and visits the batches in a seeded order."""
+
+    def __init__(self, train, val, *, T: int, batch_rows: int, eval_rows: int, n_eval: int, seed: int, encode,
+                 bos: int, eos: int, pad: int):
+        self.T, self.batch_rows, self.seed = T, batch_rows, seed
+        self.bos, self.eos, self.pad = bos, eos, pad
+        self.buckets = bucket_lengths(T)
+        self.train = self._encode(train, encode)
+        if not self.train:
+            raise ConfigError(f"no training pair fits model.max_len={T} tokens; raise it")
+        val = self._encode(val, encode)
+        self.val_pairs = val
+        order = sorted(range(len(val)), key=lambda i: self._need(val[i]))[:n_eval * eval_rows]
+        self.val = [self._batch([val[i] for i in order[k:k + eval_rows]], eval_rows)
+                    for k in range(0, len(order) - eval_rows + 1, eval_rows)] or [self._batch(val, eval_rows)]
+        self.epoch, self.index = 0, 0
+        self._plan_epoch = None
+
+    def _encode(self, pairs, encode) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for src, tgt in pairs:
+            s, t = np.asarray(encode(src), np.int32), np.asarray(encode(tgt), np.int32)
+            if 0 < len(s) <= self.T and 0 < len(t) < self.T:  # length filter: the target needs room for BOS / EOS
+                out.append((s, t))
+        return out
+
+    def _need(self, pair) -> int:
+        return max(len(pair[0]), len(pair[1]) + 1)
+
+    def _batch(self, pairs, rows: int) -> dict:
+        """Pad `pairs` (cyclically up to `rows`) to the smallest bucket that holds them all."""
+        pairs = [pairs[i % len(pairs)] for i in range(rows)]
+        L = next(b for b in self.buckets if b >= max(self._need(p) for p in pairs))
+        src = np.full((rows, L), self.pad, np.int32)
+        dec_in = np.full((rows, L), self.pad, np.int32)
+        tgt = np.full((rows, L), self.pad, np.int32)
+        for i, (s, t) in enumerate(pairs):
+            src[i, :len(s)] = s
+            dec_in[i, :len(t) + 1] = np.concatenate([[self.bos], t])
+            tgt[i, :len(t) + 1] = np.concatenate([t, [self.eos]])
+        weights = np.zeros((rows, L), np.float32)
+        for i, (_, t) in enumerate(pairs):
+            weights[i, :len(t) + 1] = 1.0
+        return {"inputs": src, "valid": src != self.pad, "decoder_inputs": dec_in, "targets": tgt,
+                "weights": weights}
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            need = np.array([self._need(p) for p in self.train])
+            bucket_of = np.searchsorted(self.buckets, need)
+            batches = []
+            for b in np.unique(bucket_of):
+                members = rng.permutation(np.flatnonzero(bucket_of == b))
+                batches += [members[k:k + self.batch_rows] for k in range(0, len(members), self.batch_rows)]
+            self._batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._plan_epoch = epoch
+        return self._batches
+
+    def next(self, step: int, rows: np.ndarray) -> dict:
+        plan = self._plan(self.epoch)
+        members = plan[self.index]
+        self.index += 1
+        if self.index == len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+        batch = self._batch([self.train[i] for i in members], self.batch_rows)
+        return {k: a[rows] for k, a in batch.items()}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def translation_ids(tok) -> tuple[int, int, int, int]:
+    """(bos, eos, pad, model vocabulary): the tokenizer's own when it has them (sentencepiece), otherwise three ids
+    appended after its vocabulary (a char tokenizer)."""
+    if None not in (tok.bos_id, tok.eos_id, tok.pad_id):
+        return tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size
+    V = tok.vocab_size
+    return V, V + 1, V + 2, V + 3

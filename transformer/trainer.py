@@ -18,11 +18,11 @@ from flax import nnx
 from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError
-from transformer.data import label_names, load_examples, load_texts, split_text
+from transformer.data import label_names, load_examples, load_pairs, load_texts, split_text
 from transformer.loading import load_run
 from transformer.mlm import specials_for
 from transformer.models import build_model
-from transformer.pipelines import ClassifyPipeline, LMPipeline, MLMPipeline
+from transformer.pipelines import ClassifyPipeline, LMPipeline, MLMPipeline, Seq2SeqPipeline, translation_ids
 from transformer.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from transformer.training import (flops_per_token, init_state, lr_schedule, make_optimizer, make_steps, task_of,
                                   peak_tflops)
@@ -66,24 +66,44 @@ def prepare_classify(cfg: Config, run_dir: str, tok: Tokenizer | None):
     """Labelled examples (train, val), their label names, and the tokenizer (given, cached in the run, or trained
     on the training texts)."""
     train, val = load_examples(cfg.data)
-    if val is None:  # hold out a seeded random fraction: files are often sorted by label
-        order = np.random.default_rng(0).permutation(len(train))
-        cut = int(len(train) * (1.0 - cfg.data.val_fraction))
-        if not 0 < cut < len(train):
-            raise ConfigError(f"cannot hold out data.val_fraction={cfg.data.val_fraction} of {len(train)} examples; "
-                              "give more data or data.val_path")
-        train, val = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    if val is None:  # files are often sorted by label: hold out a random fraction
+        train, val = hold_out(train, cfg.data.val_fraction, "data.val_path")
     labels = label_names(train)
     if len(labels) < 2:
         raise ConfigError(f"classification needs at least 2 labels in column {cfg.data.label_column!r}, found "
                           f"{labels}")
+    tok = _pair_tokenizer(cfg, run_dir, tok, [t for t, _ in train], [t for t, _ in val])
+    return tok, train, val, labels
+
+
+def hold_out(items: list, fraction: float, alternative: str) -> tuple[list, list]:
+    """(train, val): a seeded random `fraction` of the items held out for validation."""
+    order = np.random.default_rng(0).permutation(len(items))
+    cut = int(len(items) * (1.0 - fraction))
+    if not 0 < cut < len(items):
+        raise ConfigError(f"cannot hold out data.val_fraction={fraction} of {len(items)} examples; give more data "
+                          f"or {alternative}")
+    return [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
+
+
+def _pair_tokenizer(cfg: Config, run_dir: str, tok: Tokenizer | None, train_texts, val_texts) -> Tokenizer:
+    """The given tokenizer, the run's cached one, or one trained on the texts; saved with the run."""
     if tok is None and os.path.exists(os.path.join(run_dir, "tokenizer.json")):
         tok = load_tokenizer(run_dir)
     if tok is None:
-        tok = build_tokenizer(cfg.data, "\n".join(t for t, _ in train), "\n".join(t for t, _ in val))
+        tok = build_tokenizer(cfg.data, "\n".join(train_texts), "\n".join(val_texts))
     if jax.process_index() == 0:
         save_tokenizer(tok, run_dir)
-    return tok, train, val, labels
+    return tok
+
+
+def prepare_translation(cfg: Config, run_dir: str, tok: Tokenizer | None):
+    """Sentence pairs (train, val) and one tokenizer shared by both languages (given, cached, or trained here)."""
+    train, val = load_pairs(cfg.data)
+    if val is None:
+        train, val = hold_out(train, cfg.data.val_fraction, "data.val_source_file / data.val_target_file")
+    both = lambda pairs: [s for pair in pairs for s in pair]  # noqa: E731
+    return _pair_tokenizer(cfg, run_dir, tok, both(train), both(val)), train, val
 
 
 def check_run_dir(cfg: Config, run_dir: str) -> None:
@@ -200,6 +220,9 @@ def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None
     tokens). The data are token streams, or (text, label) pairs for classification."""
     T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
     common = {"T": T, "batch_rows": B * A, "eval_rows": B, "n_eval": cfg.train.eval_batches, "seed": cfg.train.seed}
+    if task_of(cfg) == "seq2seq":
+        bos, eos, pad, vocab = translation_ids(tok)
+        return Seq2SeqPipeline(train_data, val_data, encode=tok.encode, bos=bos, eos=eos, pad=pad, **common), vocab
     if task_of(cfg) == "classify":
         specials, vocab = specials_for(tok)
         plain = getattr(tok, "mask_id", None) is None  # WordPiece adds [CLS] / [SEP] itself unless told not to
@@ -238,6 +261,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     labels = None
     if task_of(cfg) == "classify":
         tok, train_data, val_data, labels = prepare_classify(cfg, run_dir, source and source.tokenizer)
+    elif task_of(cfg) == "seq2seq":
+        tok, train_data, val_data = prepare_translation(cfg, run_dir, source and source.tokenizer)
     else:
         tok, train_data, val_data = prepare_data(cfg, run_dir, source and source.tokenizer)
     pipeline, vocab = make_pipeline(cfg, tok, train_data, val_data, labels)
@@ -275,7 +300,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 "labels": labels}
 
     progress = Progress(cfg, run_dir, start, is_main)
-    unit = "examples" if labels else "tokens"
+    unit = "tokens" if task_of(cfg) in ("lm", "mlm") else "examples"
     progress.write(f"{cfg.preset}: {n_params:,} parameters, vocab {cfg.model.vocab_size}, {len(train_data):,} train / "
                    f"{len(val_data):,} val {unit}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
                    f"mesh {dict(mesh.shape)}, run dir {run_dir}"

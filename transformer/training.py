@@ -39,9 +39,15 @@ def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransforma
     return optax.chain(clip, adamw)
 
 
-def cross_entropy(logits_BTV, labels_BT, weights_BT=None):
-    """Mean token cross-entropy in float32; `weights_BT` (0/1) drops padding or unselected positions."""
-    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), labels_BT)
+def cross_entropy(logits_BTV, labels_BT, weights_BT=None, label_smoothing: float = 0.0):
+    """Mean token cross-entropy in float32; `weights_BT` (0/1) drops padding or unselected positions. With label
+    smoothing the target puts 1 - s on the label and s spread evenly over the vocabulary."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if label_smoothing:
+        targets_BTV = optax.smooth_labels(jax.nn.one_hot(labels_BT, logits_BTV.shape[-1]), label_smoothing)
+        losses_BT = optax.softmax_cross_entropy(logits_BTV, targets_BTV)
+    else:
+        losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, labels_BT)
     if weights_BT is None:
         return losses_BT.mean()
     return (losses_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
@@ -62,14 +68,20 @@ def task_of(cfg: Config) -> str:
     """What a run trains: "lm" (decoder, next token), "mlm" (encoder, masked tokens) or "classify" (encoder + head)."""
     if cfg.train.task:
         return cfg.train.task
-    return "lm" if cfg.model.arch == "decoder" else "mlm"
+    return {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}[cfg.model.arch]
 
 
-def task_loss(model, batch: dict, key, task: str):
+def task_loss(model, batch: dict, key, task: str, label_smoothing: float = 0.0):
     """(loss, metrics) of one batch. Batches are dicts: "inputs" and "targets" always; "valid" (real tokens) and
     "weights" (positions that count) for the encoder tasks."""
     if task == "lm":
         return cross_entropy(model(batch["inputs"], dropout_key=key), batch["targets"]), {}
+    if task == "seq2seq":  # teacher forcing: decoder inputs are the targets shifted right behind BOS
+        logits_BTV = model(batch["inputs"], batch["decoder_inputs"], src_valid_BS=batch["valid"], dropout_key=key)
+        weights_BT = batch["weights"]
+        correct = (logits_BTV.argmax(-1) == batch["targets"]) * weights_BT
+        return cross_entropy(logits_BTV, batch["targets"], weights_BT, label_smoothing), {
+            "accuracy": correct.sum() / jnp.maximum(weights_BT.sum(), 1.0)}
     if task == "mlm":
         logits_BTV = model(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
         weights_BT = batch["weights"]
@@ -93,7 +105,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
 
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
-        return task_loss(model, batch, key if use_dropout else None, task)
+        return task_loss(model, batch, key if use_dropout else None, task, cfg.optim.label_smoothing)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -134,7 +146,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
 
 # The arrays in one batch of each task (every one has the batch axis first, after the accumulation axis).
 BATCH_KEYS = {"lm": ("inputs", "targets"), "mlm": ("inputs", "targets", "weights", "valid"),
-              "classify": ("inputs", "targets", "valid")}
+              "classify": ("inputs", "targets", "valid"),
+              "seq2seq": ("inputs", "valid", "decoder_inputs", "targets", "weights")}
 
 
 def flops_per_token(cfg: Config, n_params: int) -> float:
