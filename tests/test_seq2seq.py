@@ -91,3 +91,59 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     outs = translate(run.graphdef, run.params, [run.tokenizer.encode(s).tolist() for s in tests], max_new_tokens=12,
                      bos=bos, eos=eos, pad=pad)
     assert [run.tokenizer.decode(o) for o in outs] == [s[::-1] for s in tests]
+    beams = translate(run.graphdef, run.params, [run.tokenizer.encode(s).tolist() for s in tests[:20]],
+                      max_new_tokens=12, bos=bos, eos=eos, pad=pad, beam_size=4)  # beams reorder the KV cache
+    assert [run.tokenizer.decode(o) for o in beams] == [s[::-1] for s in tests[:20]]
+
+
+def test_beam_search_finds_the_sequence_greedy_misses():
+    """Hand-built next-token table: greedy takes 'a' (0.6) then EOS (0.4) = 0.24; 'b' (0.4) then EOS (0.9) = 0.36."""
+    from transformer.sampling import beam_search
+    PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
+    table = np.full((5, 5), 1e-9)
+    table[BOS, [A, B]] = [0.6, 0.4]
+    table[A, [A, B, EOS]] = [0.3, 0.3, 0.4]
+    table[B, [A, EOS]] = [0.1, 0.9]
+    table[[EOS, PAD], EOS] = 1.0
+    logits = jnp.log(jnp.asarray(table / table.sum(1, keepdims=True)))
+
+    def step(prev_R, t, state):
+        return logits[prev_R], state
+
+    def run(beam):
+        tokens, scores = beam_search(step, jnp.zeros((2 * beam, 1)), batch=2, beam=beam, max_new=4, bos=BOS,
+                                     eos=EOS, pad=PAD, length_penalty=0.0)
+        return np.asarray(tokens[:, 0]), np.asarray(scores[:, 0])
+
+    greedy, g_score = run(1)
+    best, b_score = run(2)
+    assert greedy[0].tolist() == [A, EOS, PAD, PAD] and best[0].tolist() == [B, EOS, PAD, PAD]
+    np.testing.assert_allclose(np.exp([g_score[0], b_score[0]]), [0.24, 0.36], rtol=1e-4)
+
+
+def test_beam_size_one_equals_greedy_and_beam_decoding_runs(model):
+    from transformer.sampling import translate
+    sources = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    kw = dict(max_new_tokens=8, bos=1, eos=2, pad=0)
+    gd, params = nnx.split(model, nnx.Param)
+    greedy = translate(gd, params, sources, **kw)
+    from transformer.sampling import _compiled_beam
+    src = np.zeros((3, 16), np.int32)
+    for i, s in enumerate(sources):
+        src[i, :len(s)] = s
+    valid = jnp.asarray(src != 0)
+    beam1 = np.asarray(_compiled_beam(gd, 1, 8, 1, 2, 0, 0.6)(params, jnp.asarray(src), valid)[0])
+    assert [row[:len(g)] for row, g in zip(beam1.tolist(), greedy)] == greedy
+    # Beam 4 with the cache reordered along with the beams: each returned score is the true log-probability of
+    # the returned tokens under a full (uncached) teacher-forced forward pass. Weights scaled up so that the
+    # random model's predictions depend strongly on the context (a wrongly ordered cache then shows).
+    sharp = jax.tree.map(lambda p: p * 3.0, params)
+    tokens, scores = _compiled_beam(gd, 4, 8, 1, 2, 0, 0.0)(sharp, jnp.asarray(src), valid)
+    dec_in = jnp.concatenate([jnp.ones((3, 1), jnp.int32), tokens[:, :-1]], axis=1)
+    logp = jax.nn.log_softmax(nnx.merge(gd, sharp)(jnp.asarray(src), dec_in, src_valid_BS=valid), axis=-1)
+    tok_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    ended = jnp.cumsum(tokens == 2, axis=1) - (tokens == 2)  # positions after the EOS
+    np.testing.assert_allclose(jnp.where(ended > 0, 0.0, tok_logp).sum(1), scores, rtol=1e-4, atol=1e-4)
+    best = tokens[0].tolist()
+    assert translate(gd, sharp, sources, beam_size=4, length_penalty=0.0, **kw)[0] == best[:best.index(2)] \
+        if 2 in best else best

@@ -297,6 +297,31 @@ def _collect(state, P, with_logprobs) -> Generation:
 # ------------------------------------------------------------------------------------------------ encoder-decoder
 
 @functools.lru_cache(maxsize=16)
+def _compiled_beam(graphdef, beam: int, max_new: int, bos: int, eos: int, pad: int, length_penalty: float):
+    K, N = beam, max_new
+
+    def run(params, src_BS, valid_BS):
+        model = nnx.merge(graphdef, params)
+        B = src_BS.shape[0]
+        kvs = model.cross_kvs(model.encode(src_BS, valid_BS))  # once per source, then shared by its K beams
+        kvs, valid_RS = jax.tree.map(lambda a: jnp.repeat(a, K, axis=0), (kvs, valid_BS))
+        R = B * K
+
+        def step(prev_R, t, cache):
+            logits_R1V, cache = model.decode(prev_R[:, None], valid_RS, cross_kvs=kvs,
+                                             positions_BT=jnp.full((R, 1), t, jnp.int32),
+                                             mask_B1TS=(jnp.arange(N) <= t)[None, None, None, :], cache=cache,
+                                             cache_index=t)
+            return logits_R1V[:, 0], cache
+
+        tokens_BKN, score_BK = beam_search(step, model.init_cache(R, N), batch=B, beam=K, max_new=N, bos=bos,
+                                           eos=eos, pad=pad, length_penalty=length_penalty)
+        return tokens_BKN[:, 0], score_BK[:, 0]
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=16)
 def _compiled_translate(graphdef, sampler: Sampler, max_new: int, bos: int, eos: int, pad: int):
     N = max_new
 
@@ -325,10 +350,11 @@ def _compiled_translate(graphdef, sampler: Sampler, max_new: int, bos: int, eos:
 
 
 def translate(graphdef, params, sources: Sequence[Sequence[int]], *, max_new_tokens: int, bos: int, eos: int,
-              pad: int, sampler: Sampler = Sampler(0.0), key=None) -> list[list[int]]:
-    """Decode a target for each source with an encoder-decoder: greedy by default, or sampling with `sampler`.
-    The encoder and each layer's cross-attention K/V run once; the decoder uses a KV cache. Returns the target
-    tokens of each row, cut before EOS."""
+              pad: int, sampler: Sampler = Sampler(0.0), key=None, beam_size: int = 1,
+              length_penalty: float = 0.6) -> list[list[int]]:
+    """Decode a target for each source with an encoder-decoder: greedy by default, sampling with `sampler`, or
+    beam search with `beam_size` > 1 (GNMT length penalty). The encoder and each layer's cross-attention K/V run
+    once per source; the decoder uses a KV cache. Returns the target tokens of each row, cut before EOS."""
     if not sources or any(len(s) == 0 for s in sources):
         raise ValueError("every source needs at least one token")
     S = max(len(s) for s in sources)
@@ -338,9 +364,53 @@ def translate(graphdef, params, sources: Sequence[Sequence[int]], *, max_new_tok
         src[i, :len(s)] = s
     key = jax.random.key(0) if key is None else key
     keys_B = jnp.stack([jax.random.key_data(jax.random.fold_in(key, i)) for i in range(len(sources))])
-    run = _compiled_translate(graphdef, sampler, max_new_tokens, bos, eos, pad)
-    out = np.asarray(run(params, jnp.asarray(src), jnp.asarray(src != pad), keys_B))
+    if beam_size > 1:
+        run = _compiled_beam(graphdef, beam_size, max_new_tokens, bos, eos, pad, float(length_penalty))
+        out = np.asarray(run(params, jnp.asarray(src), jnp.asarray(src != pad))[0])
+    else:
+        run = _compiled_translate(graphdef, sampler, max_new_tokens, bos, eos, pad)
+        out = np.asarray(run(params, jnp.asarray(src), jnp.asarray(src != pad), keys_B))
     rows = []
     for row in out.tolist():
         rows.append(row[:row.index(eos)] if eos in row else row)
     return rows
+
+
+def beam_search(step_fn, state, *, batch: int, beam: int, max_new: int, bos: int, eos: int, pad: int,
+                length_penalty: float = 0.6):
+    """Batched beam search over a pure `step_fn(tokens_R, t, state) -> (logprobs_RV, state)` where R = batch * beam
+    rows (row b * beam + k is beam k of item b) and every leaf of `state` has R leading rows (it is reordered with
+    the beams: the KV cache). Hypotheses are ranked by log p / ((5 + length) / 6) ** length_penalty (GNMT) at the
+    end; finished beams keep their score and stay finished. Returns (tokens_BKN, scores_BK) sorted best first."""
+    B, K, N = batch, beam, max_new
+    rows = jnp.arange(B)[:, None] * K
+
+    def body(s):
+        t, tokens_BKN, logp_BK, done_BK = s["t"], s["tokens"], s["logp"], s["done"]
+        prev_R = jnp.where(t == 0, bos, jax.lax.dynamic_index_in_dim(tokens_BKN, jnp.maximum(t - 1, 0), 2,
+                                                                    keepdims=False)).reshape(-1)
+        logits_RV, inner = step_fn(prev_R, t, s["inner"])
+        V = logits_RV.shape[-1]
+        step_BKV = jax.nn.log_softmax(logits_RV.astype(jnp.float32), axis=-1).reshape(B, K, V)
+        # A finished beam continues only with padding, at no cost: its score stays what it was.
+        only_pad = jnp.full((V,), -jnp.inf).at[pad].set(0.0)
+        step_BKV = jnp.where(done_BK[..., None], only_pad, step_BKV)
+        cand_BKV = logp_BK[..., None] + step_BKV
+        logp_BK, flat_BK = jax.lax.top_k(cand_BKV.reshape(B, K * V), K)
+        parent_BK, token_BK = flat_BK // V, (flat_BK % V).astype(jnp.int32)
+        tokens_BKN = jnp.take_along_axis(tokens_BKN, parent_BK[..., None], axis=1)
+        tokens_BKN = jax.lax.dynamic_update_index_in_dim(tokens_BKN, token_BK, t, 2)
+        done_prev = jnp.take_along_axis(done_BK, parent_BK, axis=1)
+        length_BK = jnp.where(done_prev, jnp.take_along_axis(s["length"], parent_BK, axis=1), t + 1)
+        src_R = (rows + parent_BK).reshape(-1)
+        inner = jax.tree.map(lambda a: a[src_R], inner)
+        return {"t": t + 1, "tokens": tokens_BKN, "logp": logp_BK, "done": done_prev | (token_BK == eos),
+                "length": length_BK, "inner": inner}
+
+    start = {"t": jnp.zeros((), jnp.int32), "tokens": jnp.full((B, K, N), pad, jnp.int32),
+             "logp": jnp.tile(jnp.array([0.0] + [-jnp.inf] * (K - 1)), (B, 1)),  # step 0 expands beam 0 only
+             "done": jnp.zeros((B, K), bool), "length": jnp.zeros((B, K), jnp.int32), "inner": state}
+    out = jax.lax.while_loop(lambda s: (s["t"] < N) & ~jnp.all(s["done"]), body, start)
+    score_BK = out["logp"] / ((5.0 + out["length"]) / 6.0) ** length_penalty
+    order_BK = jnp.argsort(-score_BK, axis=1)
+    return jnp.take_along_axis(out["tokens"], order_BK[..., None], axis=1), jnp.take_along_axis(score_BK, order_BK, 1)
