@@ -77,3 +77,21 @@ def test_existing_run_dir_with_another_model_is_refused_and_kept(tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ckpts
     again = run_train(*common, "--resume")  # already at step 2: resumes and stops at once
     assert again.returncode == 0, again.stderr
+
+
+def test_every_preset_validates_and_builds():
+    import dataclasses
+    import glob
+
+    from flax import nnx
+
+    from transformer.models import build_model
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+    assert {"shakespeare_char", "gpt2_small", "bert_mlm_tiny", "classify_tiny", "multi30k_de_en",
+            "transformer_base"} <= set(names)
+    for name in names:
+        cfg, _ = parse_args(["--config", name])
+        model_cfg = dataclasses.replace(cfg.model, vocab_size=1000, n_classes=2 if cfg.train.task == "classify" else 0)
+        model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))  # noqa: B023
+        assert type(model).__name__ == {"decoder": "DecoderLM", "encoder": "EncoderLM",
+                                        "encoder_decoder": "EncoderDecoder"}[cfg.model.arch], name

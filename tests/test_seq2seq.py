@@ -147,3 +147,19 @@ def test_beam_size_one_equals_greedy_and_beam_decoding_runs(model):
     best = tokens[0].tolist()
     assert translate(gd, sharp, sources, beam_size=4, length_penalty=0.0, **kw)[0] == best[:best.index(2)] \
         if 2 in best else best
+
+
+def test_misaligned_files_are_a_one_line_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "a.txt").write_text("eins\nzwei\ndrei\n")
+    (tmp_path / "b.txt").write_text("one\ntwo\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(repo, "train.py"), "--config", "multi30k_de_en",
+                          "--data.source_file", str(tmp_path / "a.txt"), "--data.target_file", str(tmp_path / "b.txt"),
+                          "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "has 3 lines but" in out.stderr and "not aligned" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
