@@ -4,6 +4,11 @@
     python sample.py --checkpoint runs/shakespeare_char --prompt "ROMEO:" --num-samples 3 --top-k 40 --temperature 0.8
     echo "KING:" | python sample.py --checkpoint runs/shakespeare_char --greedy --max-new-tokens 200
 
+Encoder-decoder runs (translation; beam search with --beam 4 by default, --beam 1 for greedy):
+
+    python sample.py --checkpoint runs/multi30k_de_en --source "Ein Mann fährt Fahrrad."
+    python sample.py --checkpoint runs/multi30k_de_en --source-file test.de > test.hyp.en
+
 Encoder runs (model.arch=encoder, or a Hugging Face BERT-family directory given as --checkpoint):
 
     python sample.py --checkpoint runs/bert_mlm_tiny --fill-mask "The function returns a [MASK] object."
@@ -28,6 +33,10 @@ def parse(argv):
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: stdin when piped, else a newline)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
+    src.add_argument("--source", metavar="TEXT", help="encoder-decoder: translate TEXT")
+    src.add_argument("--source-file", metavar="FILE", help="encoder-decoder: translate FILE line by line to stdout")
+    ap.add_argument("--beam", type=int, default=4, help="encoder-decoder: beam size (1: greedy or sampling)")
+    ap.add_argument("--length-penalty", type=float, default=0.6, help="beam search: GNMT length penalty alpha")
     src.add_argument("--fill-mask", metavar="TEXT", help="encoders: top predictions for each [MASK] in TEXT")
     src.add_argument("--classify", metavar="TEXT", nargs="+", help="encoders: label probabilities of each TEXT")
     src.add_argument("--embed", metavar="TEXT", nargs="+",
@@ -68,6 +77,49 @@ def read_prompt(args) -> str:
     if not sys.stdin.isatty():
         return sys.stdin.read()
     return "\n"
+
+
+def translate_main(args) -> int:
+    import jax
+
+    from transformer.config import ConfigError
+    from transformer.loading import load_run
+    from transformer.pipelines import translation_ids
+    from transformer.sampling import Sampler, translate
+
+    if args.beam < 1:
+        die(f"--beam={args.beam} must be >= 1")
+    try:
+        run = load_run(args.checkpoint, args.step)
+        if run.cfg.model.arch != "encoder_decoder":
+            raise ConfigError(f"{args.checkpoint} holds a {run.cfg.model.arch} model; --source and --source-file "
+                              "need an encoder-decoder")
+        if args.source_file:
+            try:
+                with open(args.source_file, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read --source-file {args.source_file}: {e}") from None
+        else:
+            lines = [args.source]
+    except ConfigError as e:
+        die(str(e))
+    tok, T = run.tokenizer, run.cfg.model.max_len
+    bos, eos, pad, _ = translation_ids(tok)
+    # Translation is deterministic by default (beam search, or greedy with --beam 1); with --beam 1, a temperature
+    # other than 1, --top-k or --top-p samples instead.
+    sampling = args.beam == 1 and not args.greedy and (args.temperature != 1.0 or args.top_k or args.top_p < 1.0)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p) if sampling else Sampler(0.0)
+    chunk = 64  # sentences per call: a handful of compiled shapes, steady memory
+    for start in range(0, len(lines), chunk):
+        part = lines[start:start + chunk]
+        ids = [tok.encode(line).tolist()[:T] or [eos] for line in part]
+        outs = translate(run.graphdef, run.params, ids, max_new_tokens=min(T, args.max_new_tokens), bos=bos,
+                         eos=eos, pad=pad, sampler=sampler, key=jax.random.key(args.seed), beam_size=args.beam,
+                         length_penalty=args.length_penalty)
+        for out in outs:
+            print(tok.decode(out), flush=True)
+    return 0
 
 
 def encoder_main(args) -> int:
@@ -111,6 +163,8 @@ def main(argv) -> int:
 
     if args.fill_mask or args.classify or args.embed:
         return encoder_main(args)
+    if args.source is not None or args.source_file:
+        return translate_main(args)
     prompt = read_prompt(args)
     try:
         run = load_run(args.checkpoint, args.step)

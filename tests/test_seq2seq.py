@@ -94,6 +94,16 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path):
     beams = translate(run.graphdef, run.params, [run.tokenizer.encode(s).tolist() for s in tests[:20]],
                       max_new_tokens=12, bos=bos, eos=eos, pad=pad, beam_size=4)  # beams reorder the KV cache
     assert [run.tokenizer.decode(o) for o in beams] == [s[::-1] for s in tests[:20]]
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "in.txt").write_text("\n".join(tests[:5]) + "\n")
+    cli = subprocess.run([sys.executable, os.path.join(repo, "sample.py"), "--checkpoint", str(run_dir),
+                          "--source-file", str(tmp_path / "in.txt")], capture_output=True, text=True,
+                         env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert cli.stdout.splitlines() == [s[::-1] for s in tests[:5]]
 
 
 def test_beam_search_finds_the_sequence_greedy_misses():
