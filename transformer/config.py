@@ -113,6 +113,8 @@ class TrainConfig:
     peak_tflops: float = 0.0  # 0: looked up from the device kind (for MFU)
     progress: bool = True
     sample_tokens: int = 200  # after training, print a sample of this many tokens (0: none)
+    bleu_beam: int = 4  # translation runs: sacreBLEU on the validation pairs at each evaluation with this beam
+    bleu_sentences: int = 0  # how many validation pairs to translate for it (0: all; -1: no BLEU)
     task: Literal["", "lm", "mlm", "classify", "seq2seq"] = ""  # "": by model.arch (lm / mlm / seq2seq)
     init_from: str = ""  # a run dir (e.g. an MLM run) whose model config and weights start this run; new heads fresh
 

@@ -19,6 +19,7 @@ from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError
 from transformer.data import label_names, load_examples, load_pairs, load_texts, split_text
+from transformer.evaluate import bleu, translate_texts
 from transformer.loading import load_run
 from transformer.mlm import specials_for
 from transformer.models import build_model
@@ -363,6 +364,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     if "accuracy" in val:
                         record["val_accuracy"] = val["accuracy"]
                         message += f", accuracy {val['accuracy']:.2%}"
+                    if task_of(cfg) == "seq2seq" and cfg.train.bleu_sentences >= 0 and jax.process_count() == 1:
+                        t1 = time.perf_counter()
+                        pairs = val_data[:cfg.train.bleu_sentences or None]
+                        hyps = translate_texts(graphdef, state["params"], tok, T, [s for s, _ in pairs],
+                                               beam=cfg.train.bleu_beam)
+                        record["val_bleu"] = bleu(hyps, [t for _, t in pairs]).score
+                        record["bleu_seconds"] = time.perf_counter() - t1
+                        message += (f", BLEU {record['val_bleu']:.2f} (beam {cfg.train.bleu_beam}, {len(pairs)} "
+                                    f"sentences, {record['bleu_seconds']:.1f} s)")
                     result.update(record)
                     progress.log(record, message, permanent=True)
                 if step % cfg.train.ckpt_interval == 0 or final or stop.signal:
