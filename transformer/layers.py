@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.sharding import ACT_BTD, constrain
+from transformer.sharding import ACT_BTD, constrain, is_partitioned
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -29,8 +29,9 @@ ones = jax.nn.initializers.ones
 
 def _physical_transpose(a):
     """a.T materialised row-major. XLA:CPU would otherwise fold the transpose into the dot's dimension numbers, and
-    its bf16 kernels only take the plain (M,K)@(K,N) form: a folded transpose silently falls back to float32."""
-    if jax.default_backend() != "cpu":
+    its bf16 kernels only take the plain (M,K)@(K,N) form: a folded transpose silently falls back to float32.
+    Only on one CPU device: across a mesh, flattening a sharded array would make the partitioner gather it."""
+    if jax.default_backend() != "cpu" or is_partitioned():
         return a.T
     t = a.T
     return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)

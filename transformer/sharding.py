@@ -48,6 +48,12 @@ def activation_mesh(mesh: Mesh):
         _ACTIVE_MESH.reset(token)
 
 
+def is_partitioned() -> bool:
+    """True while tracing a step whose activations are spread over several devices."""
+    mesh = _ACTIVE_MESH.get()
+    return mesh is not None and mesh.size > 1
+
+
 def constrain(x, axes: tuple[str | None, ...]):
     """Sharding constraint on an activation by logical axes (used at block boundaries). Outside `activation_mesh`
     (plain eager calls, one-device unit tests) it returns x unchanged."""
