@@ -79,21 +79,28 @@ def read_prompt(args) -> str:
     return "\n"
 
 
+def load_for(args, arch: str, needs: str):
+    """The run at --checkpoint, which must hold a model.arch == `arch` model (ConfigError naming `needs` if not)."""
+    from transformer.config import ConfigError
+    from transformer.loading import load_run
+
+    run = load_run(args.checkpoint, args.step)
+    if run.cfg.model.arch != arch:
+        raise ConfigError(f"{args.checkpoint} holds a {run.cfg.model.arch} model; {needs}")
+    return run
+
+
 def translate_main(args) -> int:
     import jax
 
     from transformer.config import ConfigError
-    from transformer.loading import load_run
-    from transformer.pipelines import translation_ids
-    from transformer.sampling import Sampler, translate
+    from transformer.evaluate import translate_texts
+    from transformer.sampling import Sampler
 
     if args.beam < 1:
         die(f"--beam={args.beam} must be >= 1")
     try:
-        run = load_run(args.checkpoint, args.step)
-        if run.cfg.model.arch != "encoder_decoder":
-            raise ConfigError(f"{args.checkpoint} holds a {run.cfg.model.arch} model; --source and --source-file "
-                              "need an encoder-decoder")
+        run = load_for(args, "encoder_decoder", "--source and --source-file need an encoder-decoder")
         if args.source_file:
             try:
                 with open(args.source_file, encoding="utf-8") as f:
@@ -104,34 +111,27 @@ def translate_main(args) -> int:
             lines = [args.source]
     except ConfigError as e:
         die(str(e))
-    tok, T = run.tokenizer, run.cfg.model.max_len
-    bos, eos, pad, _ = translation_ids(tok)
     # Translation is deterministic by default (beam search, or greedy with --beam 1); with --beam 1, a temperature
     # other than 1, --top-k or --top-p samples instead.
     sampling = args.beam == 1 and not args.greedy and (args.temperature != 1.0 or args.top_k or args.top_p < 1.0)
     sampler = Sampler(args.temperature, args.top_k, args.top_p) if sampling else Sampler(0.0)
-    chunk = 64  # sentences per call: a handful of compiled shapes, steady memory
+    chunk = 64  # sentences per call: printed as they are done, in input order
     for start in range(0, len(lines), chunk):
-        part = lines[start:start + chunk]
-        ids = [tok.encode(line).tolist()[:T] or [eos] for line in part]
-        outs = translate(run.graphdef, run.params, ids, max_new_tokens=min(T, args.max_new_tokens), bos=bos,
-                         eos=eos, pad=pad, sampler=sampler, key=jax.random.key(args.seed), beam_size=args.beam,
-                         length_penalty=args.length_penalty)
+        T = run.cfg.model.max_len
+        outs = translate_texts(run.graphdef, run.params, run.tokenizer, T, lines[start:start + chunk],
+                               beam=args.beam, length_penalty=args.length_penalty, sampler=sampler,
+                               key=jax.random.key(args.seed), max_new_tokens=min(T, args.max_new_tokens))
         for out in outs:
-            print(tok.decode(out), flush=True)
+            print(out, flush=True)
     return 0
 
 
 def encoder_main(args) -> int:
     from transformer import encode
     from transformer.config import ConfigError
-    from transformer.loading import load_run
 
     try:
-        run = load_run(args.checkpoint, args.step)
-        if run.cfg.model.arch != "encoder":
-            raise ConfigError(f"{args.checkpoint} holds a {run.cfg.model.arch} model; --fill-mask, --classify and "
-                              "--embed need an encoder")
+        run = load_for(args, "encoder", "--fill-mask, --classify and --embed need an encoder")
         if args.fill_mask:
             for i, preds in enumerate(encode.fill_mask(run, args.fill_mask, top_k=max(args.top_k, 5))):
                 print(f"[MASK] {i + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in preds))
@@ -158,7 +158,6 @@ def main(argv) -> int:
     import jax
 
     from transformer.config import ConfigError
-    from transformer.loading import load_run
     from transformer.sampling import Sampler, generate
 
     if args.fill_mask or args.classify or args.embed:
@@ -167,10 +166,8 @@ def main(argv) -> int:
         return translate_main(args)
     prompt = read_prompt(args)
     try:
-        run = load_run(args.checkpoint, args.step)
-        if run.cfg.model.arch != "decoder":
-            raise ConfigError(f"{args.checkpoint} holds an encoder, which does not generate text; use --fill-mask, "
-                              "--classify or --embed")
+        run = load_for(args, "decoder", "text generation needs a decoder; use --fill-mask, --classify or --embed "
+                       "for an encoder, --source for an encoder-decoder")
         tok = run.tokenizer
         ids = run.encode_prompt(prompt)
         max_len = run.cfg.model.max_len

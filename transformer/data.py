@@ -164,6 +164,22 @@ def split_text(docs: list[str], val_fraction: float, val_docs: list[str] | None 
     return text[:cut], text[cut:]
 
 
+def take_across_epochs(order_of, epoch: int, index: int, n: int, convert=None) -> tuple[np.ndarray, int, int]:
+    """The next n items of an endless run of epochs, epoch e visiting `order_of(e)`, from position (epoch, index); a
+    batch may run over the end of an epoch into the next one. `convert(e, items)` maps each epoch's share (e.g. to
+    token offsets). Returns (items, epoch, index) with the position after them."""
+    out = []
+    while n:
+        order = order_of(epoch)
+        take = order[index:index + n]
+        out.append(take if convert is None else convert(epoch, take))
+        index += len(take)
+        n -= len(take)
+        if index == len(order):
+            epoch, index = epoch + 1, 0
+    return np.concatenate(out), epoch, index
+
+
 class BlockIterator:
     """Endless batches of (x_BT, y_BT) blocks of a token stream, y being x shifted by one token.
 
@@ -198,16 +214,9 @@ class BlockIterator:
     def next(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The next batch (x, y), or only its `rows`: on several hosts each reads just the rows its devices hold,
         and every host advances through the same global order."""
-        starts, need = [], self.batch_size
-        while need:  # a batch may run over the end of an epoch into the next one
-            offset, perm = self._plan(self.epoch)
-            take = perm[self.index:self.index + need]
-            starts.append(offset + take * self.block_size)
-            self.index += len(take)
-            need -= len(take)
-            if self.index == len(perm):
-                self.epoch, self.index = self.epoch + 1, 0
-        starts = np.concatenate(starts)
+        starts, self.epoch, self.index = take_across_epochs(
+            lambda e: self._plan(e)[1], self.epoch, self.index, self.batch_size,
+            convert=lambda e, take: self._plan(e)[0] + take * self.block_size)
         return _gather(self.tokens, starts if rows is None else starts[rows], self.block_size)
 
     __next__ = next

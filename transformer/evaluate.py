@@ -16,9 +16,12 @@ BATCH = 128  # sentences per decoding call: a few compiled shapes, steady memory
 
 
 def translate_texts(graphdef, params, tok, max_len: int, texts: list[str], *, beam: int = 4,
-                    length_penalty: float = 0.6) -> list[str]:
+                    length_penalty: float = 0.6, sampler=None, key=None,
+                    max_new_tokens: int | None = None) -> list[str]:
+    """Detokenized translations of `texts`, in order (beam search, or `sampler` with beam 1; greedy by default).
+    Sources are cut to `max_len` tokens; targets stop at `max_new_tokens` (default `max_len`)."""
     from transformer.pipelines import translation_ids
-    from transformer.sampling import translate
+    from transformer.sampling import Sampler, translate
 
     bos, eos, pad, _ = translation_ids(tok)
     # Sorted by length so each batch pads little; results go back in the input order.
@@ -27,8 +30,10 @@ def translate_texts(graphdef, params, tok, max_len: int, texts: list[str], *, be
     for start in range(0, len(order), BATCH):
         idx = order[start:start + BATCH]
         ids = [tok.encode(texts[i]).tolist()[:max_len] or [eos] for i in idx]
-        for i, row in zip(idx, translate(graphdef, params, ids, max_new_tokens=max_len, bos=bos, eos=eos, pad=pad,
-                                         beam_size=beam, length_penalty=length_penalty)):
+        for i, row in zip(idx, translate(graphdef, params, ids, max_new_tokens=max_new_tokens or max_len, bos=bos,
+                                         eos=eos, pad=pad,
+                                         beam_size=beam, length_penalty=length_penalty,
+                                         sampler=sampler or Sampler(0.0), key=key)):
             hyps[i] = tok.decode(row)
     return hyps
 

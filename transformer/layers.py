@@ -110,6 +110,13 @@ class Embed(nnx.Module):
         return dense(x_BTD.astype(jnp.float32), self.table_VD[...].T)
 
 
+def output_logits(x_BTD, embed: Embed, unembed_DV=None):
+    """Vocabulary logits in float32: the tied embedding (`Embed.attend`), or a separate output matrix."""
+    if unembed_DV is None:
+        return embed.attend(x_BTD)
+    return dense(x_BTD.astype(jnp.float32), unembed_DV[...])
+
+
 def sinusoidal_at(positions_BT, d_model: int):
     """Sinusoidal encodings computed at arbitrary positions (no table bound: works past max_len)."""
     inv_freq = jnp.exp(-math.log(10_000.0) * jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from transformer.attention import Attention, causal_mask, init_kv_cache
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dense, dropout, normal, param
+from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dropout, normal, output_logits, param
 from transformer.sharding import ACT_BTD, constrain
 
 
@@ -110,10 +110,7 @@ class DecoderLM(nnx.Module):
                 new_cache.append(layer_cache)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
-        if self.unembed_DV is None:
-            logits_BTV = self.embed.attend(x_BTD)
-        else:
-            logits_BTV = dense(x_BTD.astype(jnp.float32), self.unembed_DV[...])
+        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
     def init_cache(self, batch: int, length: int) -> list[dict]:

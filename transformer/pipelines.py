@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from transformer.config import ConfigError
-from transformer.data import BlockIterator, eval_batches
+from transformer.data import BlockIterator, eval_batches, take_across_epochs
 from transformer.mlm import Specials, frame, mask_tokens
 
 
@@ -78,6 +78,7 @@ class ClassifyPipeline:
         self.val = [{k: a[order[i * eval_rows:(i + 1) * eval_rows]] for k, a in val.items()}
                     for i in range(max(n_full, 1))]
         self.epoch, self.index = 0, 0
+        self._order_epoch = None
 
     def _encode(self, examples, encode, ids) -> dict:
         T, sp = self.T, self.sp
@@ -89,20 +90,14 @@ class ClassifyPipeline:
         return {"inputs": inputs, "targets": targets, "valid": inputs != sp.pad}
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.train["targets"]))
+        if self._order_epoch != epoch:  # drawn once per epoch, not once per step
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.train["targets"]))
+            self._order_epoch = epoch
+        return self._perm
 
     def next(self, step: int, rows: np.ndarray) -> dict:
-        picked, need = [], self.batch_rows
-        while need:
-            order = self._order(self.epoch)
-            take = order[self.index:self.index + need]
-            picked.append(take)
-            self.index += len(take)
-            need -= len(take)
-            if self.index == len(order):
-                self.epoch, self.index = self.epoch + 1, 0
-        idx = np.concatenate(picked)[rows]
-        return {k: a[idx] for k, a in self.train.items()}
+        idx, self.epoch, self.index = take_across_epochs(self._order, self.epoch, self.index, self.batch_rows)
+        return {k: a[idx[rows]] for k, a in self.train.items()}
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -130,7 +125,6 @@ class Seq2SeqPipeline:
         if not self.train:
             raise ConfigError(f"no training pair fits model.max_len={T} tokens; raise it")
         val = self._encode(val, encode)
-        self.val_pairs = val
         order = sorted(range(len(val)), key=lambda i: self._need(val[i]))[:n_eval * eval_rows]
         self.val = [self._batch([val[i] for i in order[k:k + eval_rows]], eval_rows)
                     for k in range(0, len(order) - eval_rows + 1, eval_rows)] or [self._batch(val, eval_rows)]
@@ -155,12 +149,11 @@ class Seq2SeqPipeline:
         src = np.full((rows, L), self.pad, np.int32)
         dec_in = np.full((rows, L), self.pad, np.int32)
         tgt = np.full((rows, L), self.pad, np.int32)
+        weights = np.zeros((rows, L), np.float32)
         for i, (s, t) in enumerate(pairs):
             src[i, :len(s)] = s
             dec_in[i, :len(t) + 1] = np.concatenate([[self.bos], t])
             tgt[i, :len(t) + 1] = np.concatenate([t, [self.eos]])
-        weights = np.zeros((rows, L), np.float32)
-        for i, (_, t) in enumerate(pairs):
             weights[i, :len(t) + 1] = 1.0
         return {"inputs": src, "valid": src != self.pad, "decoder_inputs": dec_in, "targets": tgt,
                 "weights": weights}

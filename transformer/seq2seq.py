@@ -13,7 +13,7 @@ from flax import nnx
 
 from transformer.attention import causal_mask, init_kv_cache, padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, AbsolutePositions, Embed, Norm, dense, dropout, normal, param
+from transformer.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, normal, output_logits, param
 from transformer.model import Block, split_key
 
 
@@ -84,10 +84,7 @@ class EncoderDecoder(nnx.Module):
                 new_cache.append(layer_cache)
         if self.dec_norm is not None:
             x_BTD = self.dec_norm(x_BTD)
-        if self.unembed_DV is None:
-            logits_BTV = self.embed.attend(x_BTD)
-        else:
-            logits_BTV = dense(x_BTD.astype(jnp.float32), self.unembed_DV[...])
+        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
     def __call__(self, src_BS, tgt_in_BT, *, src_valid_BS, dropout_key=None):

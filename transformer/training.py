@@ -76,17 +76,16 @@ def task_loss(model, batch: dict, key, task: str, label_smoothing: float = 0.0):
     "weights" (positions that count) for the encoder tasks."""
     if task == "lm":
         return cross_entropy(model(batch["inputs"], dropout_key=key), batch["targets"]), {}
-    if task == "seq2seq":  # teacher forcing: decoder inputs are the targets shifted right behind BOS
-        logits_BTV = model(batch["inputs"], batch["decoder_inputs"], src_valid_BS=batch["valid"], dropout_key=key)
+    if task in ("seq2seq", "mlm"):  # token losses on the weighted positions only
+        if task == "seq2seq":  # teacher forcing: decoder inputs are the targets shifted right behind BOS
+            logits_BTV = model(batch["inputs"], batch["decoder_inputs"], src_valid_BS=batch["valid"],
+                               dropout_key=key)
+        else:
+            logits_BTV = model(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
+            label_smoothing = 0.0
         weights_BT = batch["weights"]
         correct = (logits_BTV.argmax(-1) == batch["targets"]) * weights_BT
         return cross_entropy(logits_BTV, batch["targets"], weights_BT, label_smoothing), {
-            "accuracy": correct.sum() / jnp.maximum(weights_BT.sum(), 1.0)}
-    if task == "mlm":
-        logits_BTV = model(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
-        weights_BT = batch["weights"]
-        correct = (logits_BTV.argmax(-1) == batch["targets"]) * weights_BT
-        return cross_entropy(logits_BTV, batch["targets"], weights_BT), {
             "accuracy": correct.sum() / jnp.maximum(weights_BT.sum(), 1.0)}
     logits_BC = model.classify(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
     labels_B = batch["targets"]
