@@ -3,10 +3,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.layers import Norm, matmul, rotary, sinusoidal_at
+from transformer.layers import Norm, matmul, matmul_nt_bf16, rotary, sinusoidal_at
 
 
 def test_sinusoidal_matches_the_paper_formula():
@@ -41,12 +42,18 @@ def test_norms_normalise():
     assert abs(float(rms.mean())) > 0.1  # RMSNorm does not centre
 
 
-def test_bf16_matmul_gradients_and_kernels():
+def _matmul_nt(x, w_NK, matmul_dtype):
+    return matmul_nt_bf16(x, w_NK) if matmul_dtype == "bfloat16" else x @ w_NK.T
+
+
+@pytest.mark.parametrize("layout", ["x @ w", "x @ w.T (tied output layer)"])
+def test_bf16_matmul_gradients_and_kernels(layout):
     """matmul_dtype="bfloat16": forward and both backward matmuls take bf16 inputs and accumulate in float32."""
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (64, 32))
-    w = jax.random.normal(kw, (32, 48))
-    loss = lambda x, w, dt: jnp.sum(jnp.sin(matmul(x, w, dt)))  # noqa: E731
+    w = jax.random.normal(kw, (32, 48) if layout == "x @ w" else (48, 32))
+    mm = matmul if layout == "x @ w" else _matmul_nt
+    loss = lambda x, w, dt: jnp.sum(jnp.sin(mm(x, w, dt)))  # noqa: E731
     grads32 = jax.grad(loss, argnums=(0, 1))(x, w, "float32")
     grads16 = jax.grad(loss, argnums=(0, 1))(x, w, "bfloat16")
     for g32, g16 in zip(grads32, grads16):

@@ -30,9 +30,10 @@ def translate_texts(graphdef, params, tok, max_len: int, texts: list[str], *, be
     for start in range(0, len(order), BATCH):
         idx = order[start:start + BATCH]
         ids = [tok.encode(texts[i]).tolist()[:max_len] or [eos] for i in idx]
+        if len(order) > BATCH:  # a short last batch repeats its first source: the same compiled program
+            ids += [ids[0]] * (BATCH - len(ids))
         for i, row in zip(idx, translate(graphdef, params, ids, max_new_tokens=max_new_tokens or max_len, bos=bos,
-                                         eos=eos, pad=pad,
-                                         beam_size=beam, length_penalty=length_penalty,
+                                         eos=eos, pad=pad, beam_size=beam, length_penalty=length_penalty,
                                          sampler=sampler or Sampler(0.0), key=key)):
             hyps[i] = tok.decode(row)
     return hyps

@@ -59,6 +59,29 @@ def _matmul_bf16_bwd(res, g_MN):
 matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
 
 
+@jax.custom_vjp
+def matmul_nt_bf16(x_MK, w_NK):
+    """x @ w.T for a weight stored (N, K), e.g. the tied embedding table as the output layer: bfloat16 inputs,
+    float32 accumulation and output, forward and backward."""
+    return _matmul_nt_bf16_fwd(x_MK, w_NK)[0]
+
+
+def _matmul_nt_bf16_fwd(x_MK, w_NK):
+    x_MK, w_NK = x_MK.astype(jnp.bfloat16), w_NK.astype(jnp.bfloat16)
+    return jnp.dot(x_MK, _physical_transpose(w_NK), preferred_element_type=jnp.float32), (x_MK, w_NK)
+
+
+def _matmul_nt_bf16_bwd(res, g_MN):
+    x_MK, w_NK = res
+    g_MN = g_MN.astype(jnp.bfloat16)
+    dx = jnp.dot(g_MN, w_NK, preferred_element_type=jnp.float32)
+    dw = jnp.dot(_physical_transpose(g_MN), x_MK, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+matmul_nt_bf16.defvjp(_matmul_nt_bf16_fwd, _matmul_nt_bf16_bwd)
+
+
 def matmul(x, w, matmul_dtype: str = "float32"):
     """2-D x @ w. matmul_dtype="bfloat16" feeds bf16 to the matmul units and accumulates in float32 (the output keeps
     x's dtype); "float32" multiplies in x's dtype."""
@@ -100,21 +123,27 @@ def lookup(table_XD, ids_BT):
 class Embed(nnx.Module):
     """Token embedding; `attend` is the tied unembedding (logits in float32)."""
 
-    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
-        self.table_VD = param(rngs, normal(0.02), (vocab_size, d_model), ("vocab", "embed"))
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.table_VD = param(rngs, normal(std), (vocab_size, d_model), ("vocab", "embed"))
 
     def __call__(self, tokens_BT, dtype):
         return lookup(self.table_VD[...], tokens_BT).astype(dtype)
 
-    def attend(self, x_BTD):
-        return dense(x_BTD.astype(jnp.float32), self.table_VD[...].T)
+    def attend(self, x_BTD, matmul_dtype: str = "float32"):
+        x_MD = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(jnp.float32)
+        if matmul_dtype == "bfloat16":
+            y_MV = matmul_nt_bf16(x_MD, self.table_VD[...])
+        else:
+            y_MV = x_MD @ self.table_VD[...].T
+        return y_MV.reshape(*x_BTD.shape[:-1], -1)
 
 
-def output_logits(x_BTD, embed: Embed, unembed_DV=None):
-    """Vocabulary logits in float32: the tied embedding (`Embed.attend`), or a separate output matrix."""
+def output_logits(x_BTD, embed: Embed, unembed_DV=None, matmul_dtype: str = "float32"):
+    """Vocabulary logits in float32 (from bf16 matmul inputs with matmul_dtype="bfloat16"): the tied embedding
+    (`Embed.attend`), or a separate output matrix."""
     if unembed_DV is None:
-        return embed.attend(x_BTD)
-    return dense(x_BTD.astype(jnp.float32), unembed_DV[...])
+        return embed.attend(x_BTD, matmul_dtype)
+    return dense(x_BTD.astype(jnp.float32), unembed_DV[...], matmul_dtype)
 
 
 def sinusoidal_at(positions_BT, d_model: int):

@@ -110,7 +110,7 @@ class DecoderLM(nnx.Module):
                 new_cache.append(layer_cache)
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
-        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV)
+        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV, self.cfg.matmul_dtype)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
     def init_cache(self, batch: int, length: int) -> list[dict]:

@@ -25,7 +25,10 @@ class EncoderDecoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         assert cfg.vocab_size > 0, "set model.vocab_size (train.py takes it from the tokenizer)"
         self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+        # Embeddings scaled by sqrt(d_model) start at std d_model ** -0.5, so that the scaled ones have unit variance
+        # (and tied logits unit scale), as in the original Transformer.
+        std = cfg.d_model ** -0.5 if cfg.scale_embeddings else 0.02
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=std)
         self.positions = AbsolutePositions(cfg, rngs=rngs)
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         n_dec = cfg.n_decoder_layers or cfg.n_layers
@@ -84,7 +87,7 @@ class EncoderDecoder(nnx.Module):
                 new_cache.append(layer_cache)
         if self.dec_norm is not None:
             x_BTD = self.dec_norm(x_BTD)
-        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV)
+        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV, self.cfg.matmul_dtype)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
     def __call__(self, src_BS, tgt_in_BT, *, src_valid_BS, dropout_key=None):
