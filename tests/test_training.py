@@ -57,6 +57,39 @@ def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
     assert full_loss[1] != full_loss[8]
 
 
+def test_weight_average_resumes_exactly_and_is_what_eval_and_loading_use(corpus, tmp_path):
+    from transformer.checkpoint import Checkpointer, abstract_like
+    from transformer.loading import load_run
+    from transformer.training import update_ema
+    ema = "--optim.ema_decay=0.9"
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(parse_args(tiny_args(corpus, full, 6, ema))[0])
+    train(parse_args(tiny_args(corpus, half, 3, ema, "--optim.decay_steps=6"))[0])
+    train(parse_args(tiny_args(corpus, half, 6, ema))[0], resume=True)
+    assert losses(full) == losses(half)  # train and val losses, steps 1-6, exactly
+    run = load_run(str(full))
+    ckpt = Checkpointer(str(full), read_only=True)
+    shardings = jax.tree.map(lambda a: a.sharding, run.params)
+    raw = ckpt.restore_params(6, abstract_like(run.params, shardings), "params")
+    average = ckpt.restore_params(6, abstract_like(run.params, shardings), "ema")
+    ckpt.close()
+    leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]  # noqa: E731
+    for a, b in zip(leaves(run.params), leaves(average)):
+        np.testing.assert_array_equal(a, b)  # inference loads the average ...
+    assert any(not np.allclose(a, b) for a, b in zip(leaves(raw), leaves(average)))  # ... not the last weights
+    # the val loss logged at step 6 is the average's
+    from transformer.data import eval_batches
+    val = eval_batches(np.load(full / "tokens" / "val.npy"), 16, 8, 2)
+    val_loss = lambda p: np.mean([cross_entropy(nnx.merge(run.graphdef, p)(x), y) for x, y in val])  # noqa: E731
+    logged = losses(full)[1][6]
+    np.testing.assert_allclose(val_loss(average), logged, rtol=1e-5)
+    assert abs(val_loss(raw) - logged) > 1e-4
+    # the update rule: d = min(decay, (1 + step) / (10 + step))
+    e, p = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    np.testing.assert_allclose(update_ema(e, p, 0, 0.9)["w"], 0.9)  # d = 0.1 at step 0
+    np.testing.assert_allclose(update_ema(e, p, 1000, 0.9)["w"], 0.1, rtol=1e-6)  # d = 0.9 later
+
+
 def test_resume_without_checkpoint_is_an_error(corpus, tmp_path):
     from transformer.config import ConfigError
     with pytest.raises(ConfigError, match="no checkpoint"):

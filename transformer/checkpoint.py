@@ -1,6 +1,6 @@
-"""Orbax checkpoints of a run, three items per step: `params`, `train` (optimizer state, step, RNG) and a JSON `meta`
-holding the resolved config, the tokenizer and the data-iterator state, so one checkpoint directory is
-self-contained, and sampling restores the params alone.
+"""Orbax checkpoints of a run, three or four items per step: `params`, `train` (optimizer state, step, RNG), a JSON
+`meta` holding the resolved config, the tokenizer and the data-iterator state, and `ema` (the weights' moving average)
+when the run keeps one. One checkpoint directory is self-contained, and sampling restores one set of weights alone.
 
 Keeps the latest `keep` checkpoints and, in addition, the best one by validation loss. Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save never shadows the last good checkpoint.
@@ -17,6 +17,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from transformer.config import ConfigError
 
 CKPT_DIR = "checkpoints"
+WEIGHT_ITEMS = ("params", "ema")  # saved as their own items, so inference restores one set of weights alone
 CONFIG_FILE = "config.json"
 
 
@@ -29,7 +30,8 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                                read_only=read_only, enable_async_checkpointing=not read_only)
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("params", "train", "meta"))
+        self.manager = ocp.CheckpointManager(directory, options=options,
+                                             item_names=("params", "train", "meta", "ema"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -39,10 +41,10 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict, val_loss: float | None = None) -> None:
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-        train = {k: v for k, v in state.items() if k != "params"}
-        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
-                                                        train=ocp.args.StandardSave(train),
-                                                        meta=ocp.args.JsonSave(meta)),
+        train = {k: v for k, v in state.items() if k not in WEIGHT_ITEMS}
+        items = {k: ocp.args.StandardSave(state[k]) for k in WEIGHT_ITEMS if k in state}
+        self.manager.save(step, args=ocp.args.Composite(train=ocp.args.StandardSave(train),
+                                                        meta=ocp.args.JsonSave(meta), **items),
                           metrics=metrics, force=True)
 
     def restore_meta(self, step: int) -> dict:
@@ -50,15 +52,16 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
-        train = {k: v for k, v in abstract_state.items() if k != "params"}
+        train = {k: v for k, v in abstract_state.items() if k not in WEIGHT_ITEMS}
+        items = {k: ocp.args.StandardRestore(abstract_state[k]) for k in WEIGHT_ITEMS if k in abstract_state}
         out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state["params"]), train=ocp.args.StandardRestore(train),
-            meta=ocp.args.JsonRestore()))
-        return {"params": out.params, **out.train}, out.meta
+            train=ocp.args.StandardRestore(train), meta=ocp.args.JsonRestore(), **items))
+        return {**{k: out[k] for k in items}, **out.train}, out.meta
 
-    def restore_params(self, step: int, abstract_params):
+    def restore_params(self, step: int, abstract_params, item: str = "params"):
+        """One set of weights: the trained `params`, or their moving average `ema` when the run kept one."""
         return self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params))).params
+            **{item: ocp.args.StandardRestore(abstract_params)}))[item]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

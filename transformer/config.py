@@ -96,12 +96,16 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
     label_smoothing: float = 0.0  # translation: 0.1 in the original Transformer
+    # > 0: also keep an exponential moving average of the weights (e.g. 0.999); validation, BLEU, the checkpoint's
+    # inference weights and sampling use the average. Early on the decay is min(ema_decay, (1 + step) / (10 + step)).
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 12
+    batch_size: int = 12  # rows per micro-batch (and per validation batch)
+    batch_tokens: int = 0  # translation: > 0 fills each micro-batch with as many rows as fit this many padded tokens
     grad_accum: int = 1
     seed: int = 1337
     run_dir: str = ""  # "" = runs/<preset name>
@@ -143,6 +147,11 @@ class Config:
         need = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "seq2seq": "encoder_decoder"}.get(t.task)
         if need and m.arch != need:
             raise ConfigError(f"train.task={t.task} needs model.arch={need}, got {m.arch}")
+        if t.batch_tokens < 0 or (t.batch_tokens and (t.task or TASK_OF_ARCH[m.arch]) != "seq2seq"):
+            raise ConfigError(f"train.batch_tokens={t.batch_tokens}: token-sized batches are for translation "
+                              "(model.arch=encoder_decoder); use train.batch_size, or 0 to switch them off")
+        if not 0.0 <= o.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0: no weight average)")
         if not 0.0 <= o.label_smoothing < 1.0:
             raise ConfigError(f"optim.label_smoothing={o.label_smoothing} must be in [0, 1)")
         if m.d_model % m.n_heads:
@@ -181,6 +190,7 @@ class Config:
         return cls(**kwargs)
 
 
+TASK_OF_ARCH = {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
              "mesh": MeshConfig}
 

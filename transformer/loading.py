@@ -64,7 +64,8 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         shardings = sharding.tree_shardings(abstract_params, mesh)
         try:
-            params = ckpt.restore_params(step, abstract_like(abstract_params, shardings))
+            item = "ema" if cfg.optim.ema_decay > 0 else "params"  # the moving average, when the run kept one
+            params = ckpt.restore_params(step, abstract_like(abstract_params, shardings), item)
         except Exception as e:
             raise ConfigError(f"checkpoint {step} in {run_dir} could not be restored ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:200]})") from None

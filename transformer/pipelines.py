@@ -1,6 +1,7 @@
 """Batches for each training task, as dicts of numpy arrays (the keys `training.BATCH_KEYS` names).
 
-A pipeline yields the rows of the global batch that this process asks for (`next(step, rows)`), a fixed list of
+A pipeline yields the rows of the global batch that this process asks for (`next(step, rows)`, where `rows(n)` gives
+this process's row indices of an n-row global batch), a fixed list of
 validation batches, and a small state that a checkpoint stores so a resumed run sees exactly the same batches.
 Everything random is seeded by (seed, step, row), so the batches do not depend on how many hosts share them.
 """
@@ -21,8 +22,8 @@ class LMPipeline:
         self.blocks = BlockIterator(train_tokens, T, batch_rows, seed)
         self.val = [{"inputs": x, "targets": y} for x, y in eval_batches(val_tokens, T, eval_rows, n_eval)]
 
-    def next(self, step: int, rows: np.ndarray) -> dict:
-        x, y = self.blocks.next(rows)
+    def next(self, step: int, rows) -> dict:
+        x, y = self.blocks.next(rows(self.blocks.batch_size))
         return {"inputs": x, "targets": y}
 
     def state(self) -> dict:
@@ -49,7 +50,8 @@ class MLMPipeline:
         inputs, targets, weights = (np.concatenate(p) for p in zip(*parts))
         return {"inputs": inputs, "targets": targets, "weights": weights, "valid": np.ones_like(inputs, bool)}
 
-    def next(self, step: int, rows: np.ndarray) -> dict:
+    def next(self, step: int, rows) -> dict:
+        rows = rows(self.blocks.batch_size)
         x, _ = self.blocks.next(rows)
         return self._corrupt(frame(x, self.sp), (0, step), rows)
 
@@ -95,9 +97,9 @@ class ClassifyPipeline:
             self._order_epoch = epoch
         return self._perm
 
-    def next(self, step: int, rows: np.ndarray) -> dict:
+    def next(self, step: int, rows) -> dict:
         idx, self.epoch, self.index = take_across_epochs(self._order, self.epoch, self.index, self.batch_rows)
-        return {k: a[idx[rows]] for k, a in self.train.items()}
+        return {k: a[idx[rows(self.batch_rows)]] for k, a in self.train.items()}
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -117,8 +119,9 @@ class Seq2SeqPipeline:
     groups the pairs by padded length bucket, shuffles within buckets, and visits the batches in a seeded order."""
 
     def __init__(self, train, val, *, T: int, batch_rows: int, eval_rows: int, n_eval: int, seed: int, encode,
-                 bos: int, eos: int, pad: int):
+                 bos: int, eos: int, pad: int, batch_tokens: int = 0, accum: int = 1, row_multiple: int = 1):
         self.T, self.batch_rows, self.seed = T, batch_rows, seed
+        self.batch_tokens, self.accum, self.row_multiple = batch_tokens, accum, row_multiple
         self.bos, self.eos, self.pad = bos, eos, pad
         self.buckets = bucket_lengths(T)
         self.train = self._encode(train, encode)
@@ -158,6 +161,14 @@ class Seq2SeqPipeline:
         return {"inputs": src, "valid": src != self.pad, "decoder_inputs": dec_in, "targets": tgt,
                 "weights": weights}
 
+    def rows_for(self, L: int) -> int:
+        """Rows of a batch padded to length L: a fixed count, or (with `batch_tokens`) as many as fit the token budget
+        per micro-batch, a multiple of `row_multiple` (the data-parallel shards), times the `accum` micro-batches."""
+        if not self.batch_tokens:
+            return self.batch_rows
+        m = self.row_multiple
+        return self.accum * max(m, self.batch_tokens // L // m * m)
+
     def _plan(self, epoch: int) -> list[np.ndarray]:
         if self._plan_epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
@@ -166,19 +177,22 @@ class Seq2SeqPipeline:
             batches = []
             for b in np.unique(bucket_of):
                 members = rng.permutation(np.flatnonzero(bucket_of == b))
-                batches += [members[k:k + self.batch_rows] for k in range(0, len(members), self.batch_rows)]
+                n = self.rows_for(self.buckets[b])
+                batches += [members[k:k + n] for k in range(0, len(members), n)]
             self._batches = [batches[i] for i in rng.permutation(len(batches))]
             self._plan_epoch = epoch
         return self._batches
 
-    def next(self, step: int, rows: np.ndarray) -> dict:
+    def next(self, step: int, rows) -> dict:
         plan = self._plan(self.epoch)
         members = plan[self.index]
         self.index += 1
         if self.index == len(plan):
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self._batch([self.train[i] for i in members], self.batch_rows)
-        return {k: a[rows] for k, a in batch.items()}
+        pairs = [self.train[i] for i in members]
+        L = next(b for b in self.buckets if b >= max(self._need(p) for p in pairs))
+        batch = self._batch(pairs, self.rows_for(L))
+        return {k: a[rows(len(batch["inputs"]))] for k, a in batch.items()}
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -5,6 +5,7 @@ Everything with side effects lives here (files, signals, progress); the math is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,8 +26,8 @@ from transformer.mlm import specials_for
 from transformer.models import build_model
 from transformer.pipelines import ClassifyPipeline, LMPipeline, MLMPipeline, Seq2SeqPipeline, translation_ids
 from transformer.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
-from transformer.training import (flops_per_token, init_state, lr_schedule, make_optimizer, make_steps, task_of,
-                                  peak_tflops)
+from transformer.training import (flops_per_token, inference_params, init_state, lr_schedule, make_optimizer,
+                                  make_steps, peak_tflops, task_of)
 
 METRICS_FILE = "metrics.jsonl"
 TOKENS_DIR = "tokens"
@@ -197,7 +198,7 @@ def build_state(cfg: Config, mesh):
 
     def create():
         model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
-        return init_state(model, tx, cfg.train.seed)[1]
+        return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0)[1]
 
     abstract = jax.eval_shape(create)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0))))
@@ -216,14 +217,17 @@ def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> dict:
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
-def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None):
+def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None, n_batch_shards: int = 1):
     """The batches of this run's task (and the model's vocabulary size: the encoder tasks may append special
-    tokens). The data are token streams, or (text, label) pairs for classification."""
+    tokens). The data are token streams, or (text, label) pairs for classification, or translation pairs;
+    token-sized translation batches have a multiple of `n_batch_shards` rows."""
     T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
     common = {"T": T, "batch_rows": B * A, "eval_rows": B, "n_eval": cfg.train.eval_batches, "seed": cfg.train.seed}
     if task_of(cfg) == "seq2seq":
         bos, eos, pad, vocab = translation_ids(tok)
-        return Seq2SeqPipeline(train_data, val_data, encode=tok.encode, bos=bos, eos=eos, pad=pad, **common), vocab
+        return Seq2SeqPipeline(train_data, val_data, encode=tok.encode, bos=bos, eos=eos, pad=pad,
+                               batch_tokens=cfg.train.batch_tokens, accum=A, row_multiple=n_batch_shards,
+                               **common), vocab
     if task_of(cfg) == "classify":
         specials, vocab = specials_for(tok)
         plain = getattr(tok, "mask_id", None) is None  # WordPiece adds [CLS] / [SEP] itself unless told not to
@@ -266,13 +270,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         tok, train_data, val_data = prepare_translation(cfg, run_dir, source and source.tokenizer)
     else:
         tok, train_data, val_data = prepare_data(cfg, run_dir, source and source.tokenizer)
-    pipeline, vocab = make_pipeline(cfg, tok, train_data, val_data, labels)
+    pipeline, vocab = make_pipeline(cfg, tok, train_data, val_data, labels, n_batch_shards)
     if source is not None and vocab != source.cfg.model.vocab_size:
         raise ConfigError(f"{cfg.train.init_from} has a vocabulary of {source.cfg.model.vocab_size}, this task needs "
                           f"{vocab}")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab,
                                                              n_classes=len(labels or ()))).validate()
-    T, B, A = cfg.model.max_len, cfg.train.batch_size, cfg.train.grad_accum
+    T, A = cfg.model.max_len, cfg.train.grad_accum
     if is_main:
         write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
 
@@ -293,6 +297,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 if name in params:
                     params[name] = source.params[name]
             state = {**state, "params": params}
+            if "ema" in state:
+                state["ema"] = jax.tree.map(jax.numpy.copy, params)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     start = int(jax.device_get(state["step"]))
 
@@ -307,14 +313,21 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                    f"mesh {dict(mesh.shape)}, run dir {run_dir}"
                    + (f", resuming at step {start}" if latest is not None else ""))
     batch_A = sharding.batch_sharding(mesh, lead_axes=1)
-    lo, hi = sharding.local_rows(batch_A, (A, B), axis=1)
-    my_rows = (np.arange(A)[:, None] * B + np.arange(lo, hi)).reshape(-1)  # of the flat (A * B) batch
+    micro_rows = {}  # of the batch last asked for: (rows per micro-batch b, this process's [lo, hi) of them)
+    local_rows = functools.lru_cache(lambda b: sharding.local_rows(batch_A, (A, b), axis=1))
+
+    def my_rows(n: int) -> np.ndarray:
+        """This process's row indices of an n-row global batch, split into A micro-batches of n / A rows."""
+        b = n // A
+        lo, hi = local_rows(b)
+        micro_rows["last"] = (b, lo, hi)
+        return (np.arange(A)[:, None] * b + np.arange(lo, hi)).reshape(-1)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
     flops_tok = flops_per_token(cfg, n_params)
     peak = peak_tflops(cfg) * 1e12 * jax.device_count()
     last_good = latest
     result = {"step": start}
-    pending, t_last, step_last = [], time.perf_counter(), start
+    pending, t_last, tokens = [], time.perf_counter(), 0  # tokens: padded positions trained on since t_last
 
     def check_finite(step):
         nonlocal pending
@@ -335,8 +348,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     with StopFlag() as stop:
         try:
             for step in range(start + 1, cfg.train.steps + 1):
-                batch = {k: sharding.put_batch(a.reshape(A, hi - lo, *a.shape[1:]), batch_A, (A, B, *a.shape[1:]))
-                         for k, a in pipeline.next(step, my_rows).items()}
+                local = pipeline.next(step, my_rows)
+                b, lo, hi = micro_rows["last"]
+                batch = {k: sharding.put_batch(a.reshape(A, hi - lo, *a.shape[1:]), batch_A, (A, b, *a.shape[1:]))
+                         for k, a in local.items()}
+                tokens += A * b * local["inputs"].shape[1]
                 state, metrics = train_step(state, batch)
                 pending.append(metrics)
                 final = step == cfg.train.steps
@@ -344,8 +360,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     last_metrics = jax.device_get(metrics)
                     losses = check_finite(step)
                     now = time.perf_counter()
-                    tok_s = (step - step_last) * A * B * T / (now - t_last)
-                    t_last, step_last = now, step
+                    tok_s = tokens / (now - t_last)
+                    t_last, tokens = now, 0
                     record = {"step": step, "loss": losses[-1], "grad_norm": float(last_metrics["grad_norm"]),
                               "lr": float(schedule(step - 1)), "tokens_per_s": tok_s,
                               "mfu": flops_tok * tok_s / peak if peak else None, "time": time.time()}
@@ -355,7 +371,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 val_loss = None
                 if step % cfg.train.eval_interval == 0 or final:
                     t0 = time.perf_counter()
-                    val = evaluate(eval_step, state["params"], pipeline.val, sharding.batch_sharding(mesh))
+                    val = evaluate(eval_step, inference_params(state), pipeline.val, sharding.batch_sharding(mesh))
                     val_loss = val["loss"]
                     t_last += time.perf_counter() - t0  # evaluation time is not training throughput
                     record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
@@ -367,7 +383,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     if task_of(cfg) == "seq2seq" and cfg.train.bleu_sentences >= 0 and jax.process_count() == 1:
                         t1 = time.perf_counter()
                         pairs = val_data[:cfg.train.bleu_sentences or None]
-                        hyps = translate_texts(graphdef, state["params"], tok, T, [s for s, _ in pairs],
+                        hyps = translate_texts(graphdef, inference_params(state), tok, T, [s for s, _ in pairs],
                                                beam=cfg.train.bleu_beam)
                         record["val_bleu"] = bleu(hyps, [t for _, t in pairs]).score
                         record["bleu_seconds"] = time.perf_counter() - t1

@@ -1,7 +1,8 @@
 """Optimizer, learning-rate schedules, and the pure jitted train / eval steps.
 
-The train state is a plain dict pytree: {"params", "opt_state", "step", "rng"}. The model graph is split once; the
-steps merge it with the params inside the traced function, so jit sees only arrays.
+The train state is a plain dict pytree: {"params", "opt_state", "step", "rng"}, plus "ema" (the weights' moving
+average) when optim.ema_decay > 0. The model graph is split once; the steps merge it with the params inside the
+traced function, so jit sees only arrays.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import optax
 from flax import nnx
 
 from transformer import sharding
-from transformer.config import Config, OptimConfig
+from transformer.config import TASK_OF_ARCH, Config, OptimConfig
 
 
 def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -53,11 +54,25 @@ def cross_entropy(logits_BTV, labels_BT, weights_BT=None, label_smoothing: float
     return (losses_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool = False):
     graphdef, params = nnx.split(model, nnx.Param)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(seed))}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, params)
     return graphdef, state
+
+
+def inference_params(state: dict):
+    """The weights to evaluate and sample with: the moving average when the run keeps one."""
+    return state.get("ema", state["params"])
+
+
+def update_ema(ema, params, step, decay: float):
+    """ema <- d * ema + (1 - d) * params, with d = min(decay, (1 + step) / (10 + step)) so that the first steps'
+    (random) weights fade quickly."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), ema, params)
 
 
 def state_shardings(state, mesh):
@@ -68,7 +83,7 @@ def task_of(cfg: Config) -> str:
     """What a run trains: "lm" (decoder, next token), "mlm" (encoder, masked tokens) or "classify" (encoder + head)."""
     if cfg.train.task:
         return cfg.train.task
-    return {"decoder": "lm", "encoder": "mlm", "encoder_decoder": "seq2seq"}[cfg.model.arch]
+    return TASK_OF_ARCH[cfg.model.arch]
 
 
 def task_loss(model, batch: dict, key, task: str, label_smoothing: float = 0.0):
@@ -127,6 +142,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1,
                      "rng": state["rng"]}
+        if "ema" in state:
+            new_state["ema"] = update_ema(state["ema"], new_state["params"], step, cfg.optim.ema_decay)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     @sharding.activation_mesh(mesh)
