@@ -1,7 +1,8 @@
 """A small encoder-decoder for Multi30k German -> English sized for a 2-core CPU: 3 + 3 layers, d_model 256,
 4 heads, FFN 1024, pre-norm, sinusoidal positions with embeddings scaled by sqrt(d_model), one shared 8k BPE
 vocabulary tied to the output layer, dropout 0.1, label smoothing 0.1, AdamW with warmup then inverse-square-root
-decay, bf16 matmul inputs.
+decay, batches of about 4,096 padded tokens in a handful of length buckets, a moving average of the weights for
+evaluation and decoding, bf16 matmul inputs.
 
     python train.py --config multi30k_de_en \\
       --data.source_file ../shared/data/multi30k/train.de --data.target_file ../shared/data/multi30k/train.en \\
@@ -17,7 +18,8 @@ def overrides() -> dict:
                   "matmul_dtype": "bfloat16"},
         "data": {"tokenizer": "sentencepiece", "vocab_size": 8000, "sp_model_type": "bpe",
                  "source_lang": "de", "target_lang": "en"},
-        "optim": {"lr": 1e-3, "schedule": "inverse_sqrt", "warmup_steps": 1000, "b2": 0.98, "weight_decay": 0.01,
-                  "label_smoothing": 0.1},
-        "train": {"steps": 20_000, "batch_size": 64, "eval_interval": 1000, "eval_batches": 16, "sample_tokens": 0},
+        "optim": {"lr": 1e-3, "schedule": "inverse_sqrt", "warmup_steps": 300, "b2": 0.98, "weight_decay": 0.01,
+                  "label_smoothing": 0.1, "ema_decay": 0.998},
+        "train": {"steps": 20_000, "batch_size": 64, "batch_tokens": 4096, "eval_interval": 1000, "eval_batches": 16,
+                  "sample_tokens": 0},
     }
