@@ -36,6 +36,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("argv, fragment", [
     (["--model.d_model=130"], "not divisible by model.n_heads"),
     (["--optim.lr=-0.1"], "optim.lr"),
+    (["--mesh.cpu_devices=-1"], "mesh.cpu_devices"),
     (["--model.nope=1"], "unknown option --model.nope"),
     (["--bogus.x=1"], "unknown config section"),
     (["--model.d_model=abc"], "not a valid int"),
@@ -67,8 +68,9 @@ def test_existing_run_dir_with_another_model_is_refused_and_kept(tmp_path):
     common = ["--data.path", str(corpus), "--train.run_dir", str(run), "--model.d_model=16", "--model.n_heads=2",
               "--model.n_layers=1", "--model.max_len=8", "--train.batch_size=8", "--train.steps=2",
               "--train.progress=false"]
-    ok = run_train(*common)
+    ok = run_train(*common, "--mesh.cpu_devices=2")  # the host split into two devices, one half-batch each
     assert ok.returncode == 0, ok.stderr
+    assert "2 cpu device(s) mesh {'data': 2" in ok.stdout, ok.stdout
     before = {p: os.path.getmtime(os.path.join(run, p)) for p in os.listdir(run)}
     ckpts = sorted(os.listdir(run / "checkpoints"))
     bad = run_train(*common, "--model.d_model=32")

@@ -1,7 +1,9 @@
 """Sharding on 8 fake CPU devices: the same training on every mesh, weights split as the rules say, checkpoints
 moving between meshes, sharded sampling, and a 2-process run."""
+import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -75,6 +77,35 @@ def test_same_losses_on_every_mesh(corpus, tmp_path):
     assert ref[0] > ref[-1] + 0.1  # it trains
     for name, got in results.items():
         np.testing.assert_allclose(got, ref, rtol=2e-5, err_msg=name)
+
+
+def test_bf16_matmuls_stay_bf16_and_agree_across_a_data_mesh(corpus, tmp_path):
+    """matmul_dtype=bfloat16 on a data-parallel mesh: each device transposes its own block for the backward, so every
+    weight matmul keeps bf16 operands (a transpose folded into the dot falls back to float32 on XLA:CPU), and the
+    losses match one device."""
+    cfg = dataclasses.replace(cfg_for(corpus, tmp_path), model=dataclasses.replace(
+        cfg_for(corpus, tmp_path).model, matmul_dtype="bfloat16"))
+    bf16_dots = {}
+    for sizes in ((1, 1, 1), (2, 1, 1)):
+        mesh = mesh_for(sizes)
+        graphdef, tx, _, shardings, create = build_state(cfg, mesh)
+        train_step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
+        batch = {k: jax.device_put(np.zeros((1, 8, 16), np.int32), sharding.batch_sharding(mesh, lead_axes=1))
+                 for k in ("inputs", "targets")}
+        hlo = train_step.lower(create(), batch).compile().as_text()
+        bf16_dots[sizes] = sum(_dot_operand_types(hlo, line) == ["bf16", "bf16"]
+                               for line in hlo.splitlines() if " dot(" in line)
+    # per layer: q/k/v, attention out, 2 MLP matmuls, 3 matmuls each (forward, dx, dW); then the tied output layer
+    assert bf16_dots[(1, 1, 1)] == 3 * (4 * cfg.model.n_layers + 1)
+    assert bf16_dots[(2, 1, 1)] == bf16_dots[(1, 1, 1)]
+    np.testing.assert_allclose(train_losses(cfg, (2, 1, 1), steps=3)[0], train_losses(cfg, (1, 1, 1), steps=3)[0],
+                               rtol=1e-4)
+
+
+def _dot_operand_types(hlo: str, line: str) -> list[str]:
+    """Element types of a compiled dot's operands (compiled HLO prints them by name only)."""
+    names = re.findall(r"%[\w.\-]+", re.search(r" dot\(([^)]*)\)", line).group(1))
+    return [re.search(rf"{re.escape(n)} = (\w+)\[", hlo).group(1) for n in names]
 
 
 def test_param_shardings_follow_the_rules(corpus, tmp_path):

@@ -128,6 +128,9 @@ class MeshConfig:
     data: int = -1  # -1: all remaining devices
     fsdp: int = 1
     tensor: int = 1
+    # CPU only: present the host as this many XLA devices (0: JAX's default, one). XLA:CPU spreads a small model's
+    # ops over the cores poorly; one device per core running its share of the batch (mesh.data) uses them better.
+    cpu_devices: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class Config:
         if t.batch_tokens < 0 or (t.batch_tokens and (t.task or TASK_OF_ARCH[m.arch]) != "seq2seq"):
             raise ConfigError(f"train.batch_tokens={t.batch_tokens}: token-sized batches are for translation "
                               "(model.arch=encoder_decoder); use train.batch_size, or 0 to switch them off")
+        if self.mesh.cpu_devices < 0:
+            raise ConfigError(f"mesh.cpu_devices={self.mesh.cpu_devices} must be >= 0 (0: JAX's default of one)")
         if not 0.0 <= o.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0: no weight average)")
         if not 0.0 <= o.label_smoothing < 1.0:

@@ -25,6 +25,19 @@ def multi_process_env() -> bool:
                 or _int_env("OMPI_COMM_WORLD_SIZE") > 1)
 
 
+def use_cpu_devices(n: int) -> None:
+    """Run the CPU backend as `n` devices (0: leave JAX's default). Must come before anything touches a device; an
+    explicit XLA_FLAGS=--xla_force_host_platform_device_count, or a backend already started, wins."""
+    if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backend is already up (e.g. called twice in one process): keep its devices
+        pass
+
+
 def initialize() -> None:
     """Call `jax.distributed.initialize()` when started as one of several processes.
 

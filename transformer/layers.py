@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.sharding import ACT_BTD, constrain, is_partitioned
+from jax.sharding import PartitionSpec as P
+
+from transformer.sharding import ACT_BTD, constrain, data_only_mesh, is_partitioned
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -27,14 +29,26 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
-def _physical_transpose(a):
-    """a.T materialised row-major. XLA:CPU would otherwise fold the transpose into the dot's dimension numbers, and
-    its bf16 kernels only take the plain (M,K)@(K,N) form: a folded transpose silently falls back to float32.
-    Only on one CPU device: across a mesh, flattening a sharded array would make the partitioner gather it."""
-    if jax.default_backend() != "cpu" or is_partitioned():
-        return a.T
+def _flat_transpose(a):
     t = a.T
     return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+def _physical_transpose(a, batch_rows: bool = False):
+    """a.T materialised row-major. XLA:CPU would otherwise fold the transpose into the dot's dimension numbers, and
+    its bf16 kernels only take the plain (M,K)@(K,N) form: a folded transpose silently falls back to float32.
+    `batch_rows`: a's rows are the batch (an activation), otherwise a is a weight. Across a data-parallel mesh each
+    device transposes its own block (flattening a sharded array would make the partitioner gather it); under
+    fsdp / tensor sharding the transpose is left to XLA."""
+    if jax.default_backend() != "cpu":
+        return a.T
+    if not is_partitioned():
+        return _flat_transpose(a)
+    mesh = data_only_mesh()
+    if mesh is None:
+        return a.T
+    spec_in, spec_out = (P("data", None), P(None, "data")) if batch_rows else (P(), P())
+    return jax.shard_map(_flat_transpose, mesh=mesh, in_specs=spec_in, out_specs=spec_out)(a)
 
 
 @jax.custom_vjp
@@ -52,7 +66,7 @@ def _matmul_bf16_bwd(res, g_MN):
     x_MK, w_KN = res
     g_MN = g_MN.astype(jnp.bfloat16)
     dx = jnp.dot(g_MN, _physical_transpose(w_KN), preferred_element_type=jnp.float32)
-    dw = jnp.dot(_physical_transpose(x_MK), g_MN, preferred_element_type=jnp.float32)
+    dw = jnp.dot(_physical_transpose(x_MK, batch_rows=True), g_MN, preferred_element_type=jnp.float32)
     return dx, dw
 
 
@@ -75,7 +89,7 @@ def _matmul_nt_bf16_bwd(res, g_MN):
     x_MK, w_NK = res
     g_MN = g_MN.astype(jnp.bfloat16)
     dx = jnp.dot(g_MN, w_NK, preferred_element_type=jnp.float32)
-    dw = jnp.dot(_physical_transpose(g_MN), x_MK, preferred_element_type=jnp.float32)
+    dw = jnp.dot(_physical_transpose(g_MN, batch_rows=True), x_MK, preferred_element_type=jnp.float32)
     return dx, dw
 
 

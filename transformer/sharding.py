@@ -54,6 +54,14 @@ def is_partitioned() -> bool:
     return mesh is not None and mesh.size > 1
 
 
+def data_only_mesh() -> Mesh | None:
+    """The traced step's mesh when it splits only the batch (every device holds every weight whole), else None."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1 or mesh.shape["data"] != mesh.size:
+        return None
+    return mesh
+
+
 def constrain(x, axes: tuple[str | None, ...]):
     """Sharding constraint on an activation by logical axes (used at block boundaries). Outside `activation_mesh`
     (plain eager calls, one-device unit tests) it returns x unchanged."""

@@ -324,7 +324,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         return (np.arange(A)[:, None] * b + np.arange(lo, hi)).reshape(-1)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
     flops_tok = flops_per_token(cfg, n_params)
-    peak = peak_tflops(cfg) * 1e12 * jax.device_count()
+    # The CPU peak is a whole host's, however many devices (mesh.cpu_devices) the host is split into.
+    chips = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
+    peak = peak_tflops(cfg) * 1e12 * chips
     last_good = latest
     result = {"step": start}
     pending, t_last, tokens = [], time.perf_counter(), 0  # tokens: padded positions trained on since t_last
