@@ -170,6 +170,19 @@ def test_beam_size_one_equals_greedy_and_beam_decoding_runs(model):
         if 2 in best else best
 
 
+def test_targets_stop_a_margin_past_the_source_length(model):
+    """A model that never emits the end token (eos=-1) runs to the cap: max_new_tokens, or target_margin tokens past
+    the source length rounded up to 16, whichever is smaller."""
+    from transformer.sampling import translate
+    gd, params = nnx.split(model, nnx.Param)
+    kw = dict(bos=1, eos=-1, pad=0)
+    for margin, beam, want in ((3, 1, 19), (3, 4, 19), (None, 1, 40)):
+        rows = translate(gd, params, [[5, 6, 7], [8, 9]], max_new_tokens=40, target_margin=margin, beam_size=beam,
+                         **kw)
+        assert [len(r) for r in rows] == [want, want], (margin, beam)
+    assert [len(r) for r in translate(gd, params, [[5] * 17], max_new_tokens=60, target_margin=3, **kw)] == [35]
+
+
 def test_misaligned_files_are_a_one_line_error(tmp_path):
     import os
     import subprocess

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transformer import sharding
 from transformer.checkpoint import Checkpointer, abstract_like
@@ -176,6 +176,18 @@ def test_sharded_sampler_matches_single_device(corpus, tmp_path):
                                max_len=loaded.cfg.model.max_len).tokens
     assert outs[(4, 1, 2)] == outs[(1, 1, 1)] == outs[(1, 1, 8)]
     assert any(len(set(row)) > 1 for row in outs[(1, 1, 1)])
+
+
+def test_decoding_moves_replicated_weights_onto_one_cpu_device():
+    """The devices of a split CPU host share its cores: replicated weights are decoded with on one of them; weights
+    sharded by fsdp stay where they are."""
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    replicated = jax.device_put({"w": x}, NamedSharding(mesh_for((2, 1, 1)), P()))
+    moved = sharding.one_cpu_device(replicated)
+    assert moved["w"].sharding.device_set == {jax.devices()[0]}
+    np.testing.assert_array_equal(moved["w"], x)
+    split = jax.device_put({"w": x}, NamedSharding(mesh_for((1, 2, 1)), P("fsdp")))
+    assert len(sharding.one_cpu_device(split)["w"].sharding.device_set) == 2
 
 
 def test_mesh_errors_are_config_errors():

@@ -22,8 +22,10 @@ def translate_texts(graphdef, params, tok, max_len: int, texts: list[str], *, be
     Sources are cut to `max_len` tokens; targets stop at `max_new_tokens` (default `max_len`)."""
     from transformer.pipelines import translation_ids
     from transformer.sampling import Sampler, translate
+    from transformer.sharding import one_cpu_device
 
     bos, eos, pad, _ = translation_ids(tok)
+    params = one_cpu_device(params)
     # Sorted by length so each batch pads little; results go back in the input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     hyps = [""] * len(texts)
