@@ -50,7 +50,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     distributed.use_cpu_devices(cfg.mesh.cpu_devices)
     mesh = sharding.make_mesh(cfg.mesh)
     tok, train_pairs, val_pairs = prepare_translation(cfg, run_dir, None)
-    pipeline, vocab = make_pipeline(cfg, tok, train_pairs, val_pairs)
+    pipeline, vocab = make_pipeline(cfg, tok, train_pairs, val_pairs, None, mesh.shape["data"] * mesh.shape["fsdp"])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)).validate()
     graphdef, tx, _, shardings, create = build_state(cfg, mesh)
     train_step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
