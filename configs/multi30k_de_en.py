@@ -3,7 +3,7 @@
 vocabulary tied to the output layer, dropout 0.1, label smoothing 0.1, AdamW with warmup then inverse-square-root
 decay, batches of about 4,096 padded tokens in a handful of length buckets, a moving average of the weights for
 evaluation and decoding, bf16 matmul inputs, and on a CPU the host split into two XLA devices that each train on half
-of every batch (mesh.cpu_devices=2: ~9% faster steps on a 2-core machine; decoding runs on one of them).
+of every batch (mesh.cpu_devices=2: 2-9% faster steps on a 2-core machine; decoding runs on one of them).
 
     python train.py --config multi30k_de_en \\
       --data.source_file ../shared/data/multi30k/train.de --data.target_file ../shared/data/multi30k/train.en \\
