@@ -26,7 +26,6 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         cfg, flags = parse_args(argv, flags=("resume",))
-        distributed.use_cpu_devices(cfg.mesh.cpu_devices)
         distributed.initialize()
         result = train(cfg, resume=bool(flags.get("resume")))
     except ConfigError as e:

@@ -39,7 +39,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     from transformer.checkpoint import CONFIG_FILE, Checkpointer, write_json_atomic
     from transformer.cli import parse_args
     from transformer.evaluate import bleu, translate_texts
-    from transformer.trainer import build_state, make_pipeline, prepare_translation
+    from transformer.trainer import build_state, checkpoint_meta, make_pipeline, prepare_translation
     from transformer.training import inference_params, make_steps
 
     files = {"source_file": "train.de", "target_file": "train.en", "val_source_file": "val.de",
@@ -50,7 +50,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     distributed.use_cpu_devices(cfg.mesh.cpu_devices)
     mesh = sharding.make_mesh(cfg.mesh)
     tok, train_pairs, val_pairs = prepare_translation(cfg, run_dir, None)
-    pipeline, vocab = make_pipeline(cfg, tok, train_pairs, val_pairs, None, mesh.shape["data"] * mesh.shape["fsdp"])
+    pipeline, vocab = make_pipeline(cfg, tok, train_pairs, val_pairs, None, sharding.batch_shards(mesh))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)).validate()
     graphdef, tx, _, shardings, create = build_state(cfg, mesh)
     train_step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
@@ -97,8 +97,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
 
     ckpt = Checkpointer(run_dir, keep=1)
     write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
-    ckpt.save(step, state, {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json(),
-                            "labels": None})
+    ckpt.save(step, state, checkpoint_meta(cfg, pipeline, tok))
     ckpt.wait()
     ckpt.close()
     return results

@@ -22,14 +22,12 @@ sys.path.insert(0, str(REPO))
 
 
 def run_ours(steps: int, data: str, extra: list[str]) -> dict:
-    from transformer import distributed
     from transformer.cli import parse_args
     from transformer.trainer import METRICS_FILE, train
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, _ = parse_args(["--config", "shakespeare_char", "--data.path", data, "--train.run_dir", run_dir,
                              "--train.steps", str(steps), "--train.log_interval=10", "--train.progress=false",
                              "--train.ckpt_interval", str(steps), *extra])
-        distributed.use_cpu_devices(cfg.mesh.cpu_devices)
         train(cfg)
         records = [json.loads(line) for line in open(os.path.join(run_dir, METRICS_FILE))]
         full_val = whole_val_loss(run_dir)

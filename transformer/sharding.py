@@ -71,6 +71,11 @@ def constrain(x, axes: tuple[str | None, ...]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(logical_to_spec(axes), x.shape, mesh)))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch rows are split: the data x fsdp axes."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def one_cpu_device(tree):
     """`tree` copied onto one device when it is replicated over the devices of a split CPU host (mesh.cpu_devices):
     those devices share the same cores, and step-by-step decoding of a batch runs faster on one of them than

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import sharding
+from transformer import distributed, sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError
 from transformer.data import label_names, load_examples, load_pairs, load_texts, split_text
@@ -217,6 +217,11 @@ def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> dict:
     return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
+def checkpoint_meta(cfg: Config, pipeline, tok: Tokenizer, labels=None) -> dict:
+    """A checkpoint's JSON item: the resolved config, the data-iterator state, the tokenizer, the class labels."""
+    return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json(), "labels": labels}
+
+
 def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None, n_batch_shards: int = 1):
     """The batches of this run's task (and the model's vocabulary size: the encoder tasks may append special
     tokens). The data are token streams, or (text, label) pairs for classification, or translation pairs;
@@ -244,11 +249,12 @@ def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train (or continue) the run in `cfg.train.run_dir`. Returns the final metrics."""
+    distributed.use_cpu_devices(cfg.mesh.cpu_devices)  # before the first device query below
     run_dir = run_dir_of(cfg)
     is_main = jax.process_index() == 0
     check_run_dir(cfg, run_dir)
     mesh = sharding.make_mesh(cfg.mesh)
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_batch_shards = sharding.batch_shards(mesh)
     if cfg.train.batch_size % n_batch_shards:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the data x fsdp mesh size "
                           f"{n_batch_shards}")
@@ -303,8 +309,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     start = int(jax.device_get(state["step"]))
 
     def meta():
-        return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json(),
-                "labels": labels}
+        return checkpoint_meta(cfg, pipeline, tok, labels)
 
     progress = Progress(cfg, run_dir, start, is_main)
     unit = "tokens" if task_of(cfg) in ("lm", "mlm") else "examples"

@@ -72,7 +72,7 @@ def update_ema(ema, params, step, decay: float):
     """ema <- d * ema + (1 - d) * params, with d = min(decay, (1 + step) / (10 + step)) so that the first steps'
     (random) weights fade quickly."""
     d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), ema, params)
+    return optax.incremental_update(params, ema, 1.0 - d)
 
 
 def state_shardings(state, mesh):
