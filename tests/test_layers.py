@@ -73,3 +73,24 @@ def test_bf16_matmul_gradients_and_kernels(layout):
 def _declared_type(hlo: str, name: str) -> str:
     """Element type of an HLO value (compiled HLO prints a dot's operands by name only)."""
     return re.search(rf"{re.escape(name)} = (\w+)\[", hlo).group(1)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_xavier_init_spreads_each_matrix_over_its_own_fans(activation):
+    from transformer.attention import Attention
+    from transformer.layers import MLP
+
+    D, N, F, L = 256, 4, 1024, 3
+    cfg = ModelConfig(d_model=D, n_heads=N, d_ff=F, n_layers=L, activation=activation, init="xavier")
+    att, cross, mlp = Attention(cfg, rngs=nnx.Rngs(0)), Attention(cfg, cross=True, rngs=nnx.Rngs(1)), MLP(cfg, rngs=nnx.Rngs(2))
+    w_in = mlp.w_in_DCF if activation == "swiglu" else mlp.w_in_DF
+    glorot = lambda fan_in, fan_out: (2.0 / (fan_in + fan_out)) ** 0.5  # std of U(-a, a), a = sqrt(6 / fan sum)
+    for w, want in [(att.w_qkv_DCNH, glorot(D, D)), (att.w_o_NHD, glorot(D, D)), (cross.w_q_DNH, glorot(D, D)),
+                    (cross.w_kv_DCNH, glorot(D, D)), (w_in, glorot(D, F)), (mlp.w_out_FD, glorot(F, D))]:
+        v = np.asarray(w[...])
+        np.testing.assert_allclose(v.std(), want, rtol=0.03)
+        assert np.abs(v).max() <= want * 3 ** 0.5 * 1.0001  # uniform, bounded at sqrt(3) std
+    # The GPT-2 default: 0.02, residual-stream outputs 0.02 / sqrt(2 L).
+    gpt2 = MLP(ModelConfig(d_model=D, d_ff=F, n_layers=L), rngs=nnx.Rngs(2))
+    np.testing.assert_allclose(np.asarray(gpt2.w_in_DF[...]).std(), 0.02, rtol=0.03)
+    np.testing.assert_allclose(np.asarray(gpt2.w_out_FD[...]).std(), 0.02 / (2 * L) ** 0.5, rtol=0.03)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, dense, dense_out, dropout, normal, param, rotary, zeros
+from transformer.layers import DTYPES, dense, dense_out, dropout, kernel_init, param, rotary, zeros
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -73,13 +73,16 @@ class Attention(nnx.Module):
         self.dropout_rate = cfg.dropout
         self.dtype = DTYPES[cfg.dtype]
         self.mm = cfg.matmul_dtype
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        # Each of q, k, v is a D x (N * H) matrix; the output projection an (N * H) x D one.
+        qkv_init = kernel_init(cfg, in_axis=0, out_axis=(2, 3), batch_axis=1)
         if cross:
-            self.w_q_DNH = param(rngs, normal(0.02), (D, N, H), ("embed", "heads", "head_dim"))
-            self.w_kv_DCNH = param(rngs, normal(0.02), (D, 2, N, H), ("embed", None, "heads", "head_dim"))
+            self.w_q_DNH = param(rngs, kernel_init(cfg, in_axis=0, out_axis=(1, 2)), (D, N, H),
+                                 ("embed", "heads", "head_dim"))
+            self.w_kv_DCNH = param(rngs, qkv_init, (D, 2, N, H), ("embed", None, "heads", "head_dim"))
         else:
-            self.w_qkv_DCNH = param(rngs, normal(0.02), (D, 3, N, H), ("embed", None, "heads", "head_dim"))
-        self.w_o_NHD = param(rngs, normal(out_std), (N, H, D), ("heads", "head_dim", "embed"))
+            self.w_qkv_DCNH = param(rngs, qkv_init, (D, 3, N, H), ("embed", None, "heads", "head_dim"))
+        self.w_o_NHD = param(rngs, kernel_init(cfg, in_axis=(0, 1), out_axis=2, residual=True), (N, H, D),
+                             ("heads", "head_dim", "embed"))
         if cfg.use_bias:
             self.b_qkv_CNH = param(rngs, zeros, (3, N, H), (None, "heads", "head_dim"))
             self.b_o_D = param(rngs, zeros, (D,), ("embed",))
