@@ -123,6 +123,11 @@ def main():
     ap.add_argument("--peer-log", default="", help="a log of torch_multi30k.py to compare with (or write, with "
                                                   "--peer-python)")
     args, extra = ap.parse_known_args()
+    missing = [f for f in ("train.de", "train.en", "val.de", "val.en") if not (args.data / f).is_file()]
+    if missing:
+        print(f"error: {args.data} lacks {', '.join(missing)}: pass --data DIR holding Multi30k's "
+              "train.{de,en} and val.{de,en}", file=sys.stderr)
+        sys.exit(2)
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_ours(args.minutes, args.data, args.run_dir or tmp, extra)
     if not (args.peer_python or args.peer_log):

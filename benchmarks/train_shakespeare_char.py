@@ -69,6 +69,9 @@ def main():
     ap.add_argument("--data", default=str(SHARED / "data/tinyshakespeare/input.txt"))
     ap.add_argument("--peer-python", default=os.environ.get("TORCH_PYTHON", ""))
     args, extra = ap.parse_known_args()
+    if not os.path.isfile(args.data):
+        print(f"error: {args.data} not found: pass --data PATH/TO/tinyshakespeare/input.txt", file=sys.stderr)
+        sys.exit(2)
     ours = run_ours(args.steps, args.data, extra)
     print(f"ours: val loss {ours['val_loss']:.4f} at step {ours['val_step']} (20 val batches; "
           f"{ours['full_val_loss']:.4f} over the whole val split), "
