@@ -90,6 +90,10 @@ def test_xavier_init_spreads_each_matrix_over_its_own_fans(activation):
         v = np.asarray(w[...])
         np.testing.assert_allclose(v.std(), want, rtol=0.03)
         assert np.abs(v).max() <= want * 3 ** 0.5 * 1.0001  # uniform, bounded at sqrt(3) std
+    from transformer.models import build_model  # an untied output layer is a weight matrix too
+    lm = build_model(ModelConfig(d_model=D, n_heads=N, d_ff=F, n_layers=1, vocab_size=1000, tie_embeddings=False,
+                                 activation=activation, init="xavier"), nnx.Rngs(3))
+    np.testing.assert_allclose(np.asarray(lm.unembed_DV[...]).std(), glorot(D, 1000), rtol=0.03)
     # The GPT-2 default: 0.02, residual-stream outputs 0.02 / sqrt(2 L).
     gpt2 = MLP(ModelConfig(d_model=D, d_ff=F, n_layers=L), rngs=nnx.Rngs(2))
     np.testing.assert_allclose(np.asarray(gpt2.w_in_DF[...]).std(), 0.02, rtol=0.03)

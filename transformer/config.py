@@ -50,7 +50,8 @@ class ModelConfig:
     # Inputs of the weight matmuls (forward and backward); they accumulate in float32 either way.
     matmul_dtype: Literal["float32", "bfloat16"] = "float32"
     # Weight matrices: "gpt2" normal(0.02), residual-stream outputs scaled by 1/sqrt(2 * layers); "xavier" Glorot
-    # uniform (the original Transformer). Embeddings and the position table keep their own init.
+    # uniform (the original Transformer), output layers and heads included. Embeddings and position tables keep
+    # their own init.
     init: Literal["gpt2", "xavier"] = "gpt2"
 
     @property

@@ -7,8 +7,8 @@ from flax import nnx
 
 from transformer.attention import padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import (ACTIVATIONS, DTYPES, AbsolutePositions, Embed, Norm, dense, dropout, lookup, normal,
-                                param, zeros)
+from transformer.layers import (ACTIVATIONS, DTYPES, AbsolutePositions, Embed, Norm, dense, dropout, kernel_init,
+                                lookup, normal, param, zeros)
 from transformer.model import Block, split_key
 
 
@@ -52,7 +52,7 @@ class MLMHead(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.activation = "gelu_exact" if cfg.activation == "swiglu" else cfg.activation
-        self.w_DD = param(rngs, normal(0.02), (cfg.d_model, cfg.d_model), ("embed", None))
+        self.w_DD = param(rngs, kernel_init(cfg), (cfg.d_model, cfg.d_model), ("embed", None))
         self.b_D = param(rngs, zeros, (cfg.d_model,), (None,))
         self.norm = Norm(cfg, rngs=rngs)
         self.b_V = param(rngs, zeros, (cfg.vocab_size,), ("vocab",))
@@ -66,9 +66,9 @@ class Classifier(nnx.Module):
     """BERT's pooler (dense + tanh on the [CLS] state) and a linear layer to the labels."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.w_pool_DD = param(rngs, normal(0.02), (cfg.d_model, cfg.d_model), ("embed", None))
+        self.w_pool_DD = param(rngs, kernel_init(cfg), (cfg.d_model, cfg.d_model), ("embed", None))
         self.b_pool_D = param(rngs, zeros, (cfg.d_model,), (None,))
-        self.w_out_DC = param(rngs, normal(0.02), (cfg.d_model, cfg.n_classes), ("embed", None))
+        self.w_out_DC = param(rngs, kernel_init(cfg), (cfg.d_model, cfg.n_classes), ("embed", None))
         self.b_out_C = param(rngs, zeros, (cfg.n_classes,), (None,))
 
     def __call__(self, x_BTD, dropout_rate: float = 0.0, dropout_key=None):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from transformer.attention import Attention, causal_mask, init_kv_cache
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dropout, normal, output_logits, param
+from transformer.layers import DTYPES, MLP, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 from transformer.sharding import ACT_BTD, constrain
 
 
@@ -78,7 +78,7 @@ class DecoderLM(nnx.Module):
         # Post-norm blocks already end in a norm; pre-norm stacks need one before the unembedding.
         self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
         self.unembed_DV = None if cfg.tie_embeddings else param(
-            rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            rngs, kernel_init(cfg), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens_BT, *, positions_BT=None, mask_B1TS=None, dropout_key=None, cache=None,
                  cache_index=None):

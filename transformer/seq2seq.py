@@ -13,7 +13,7 @@ from flax import nnx
 
 from transformer.attention import causal_mask, init_kv_cache, padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, normal, output_logits, param
+from transformer.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 from transformer.model import Block, split_key
 
 
@@ -38,7 +38,7 @@ class EncoderDecoder(nnx.Module):
         self.enc_norm = Norm(cfg, rngs=rngs) if pre else None
         self.dec_norm = Norm(cfg, rngs=rngs) if pre else None
         self.unembed_DV = None if cfg.tie_embeddings else param(
-            rngs, normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            rngs, kernel_init(cfg), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
     def _embed(self, tokens_BT, positions_BT, key):
         x_BTD = self.embed(tokens_BT, DTYPES[self.cfg.dtype]) * self.scale
