@@ -179,8 +179,6 @@ def main(argv) -> int:
         die(str(e))
 
     sampler = Sampler(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
-    base = jax.random.key(args.seed)
-    keys = [jax.random.fold_in(base, i) for i in range(args.num_samples)]
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     stream = stream and args.num_samples == 1
 
@@ -192,7 +190,7 @@ def main(argv) -> int:
         sys.stdout.write(prompt)
         sys.stdout.flush()
     out = generate(run.graphdef, run.params, [ids] * args.num_samples, max_new_tokens=args.max_new_tokens,
-                   max_len=max_len, sampler=sampler, keys=keys, eos_id=tok.eos_id,
+                   max_len=max_len, sampler=sampler, key=jax.random.key(args.seed), eos_id=tok.eos_id,
                    pad_id=tok.pad_id or 0, stop_sequences=stops, window=args.window,
                    chunk=16 if stream else None, on_tokens=on_tokens if stream else None)
     for i, row in enumerate(out.tokens):

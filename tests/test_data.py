@@ -1,4 +1,10 @@
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -7,6 +13,7 @@ from transformer import data
 from transformer.config import ConfigError, DataConfig
 from transformer.data import BlockIterator, eval_batches, load_texts, split_text
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, B = 7, 5
 TOKENS = np.arange(211, dtype=np.int32)  # token value == stream position, so a block reveals where it came from
 
@@ -146,6 +153,95 @@ def test_hub_failure_is_one_line_config_error(monkeypatch):
         raise ConnectionError("Couldn't reach the Hub\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: True)
     with pytest.raises(ConfigError, match="roneneldan/TinyStories") as e:
         load_texts(DataConfig(path="roneneldan/TinyStories"))
     assert "\n" not in str(e.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_reachability_check(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert data._hub_reachable(f"http://127.0.0.1:{port}")
+        assert not data._hub_reachable(f"http://127.0.0.1:{_closed_port()}")
+        assert not data._hub_reachable("https://hub.invalid")  # a name that never resolves (RFC 2606)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")  # the libraries would go through the proxy
+        assert data._hub_reachable("https://hub.invalid")
+
+    def hang(*args, **kwargs):  # a dead resolver or a dropped SYN
+        time.sleep(1)
+        raise TimeoutError
+
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(socket, "create_connection", hang)
+    t0 = time.perf_counter()
+    assert not data._hub_reachable("https://huggingface.co", timeout=0.2)
+    assert time.perf_counter() - t0 < 1
+
+
+def _cache_as_hub_dataset(tmp_path, repo_id: str, texts: list[str]):
+    """The datasets cache as one online load of hub dataset `repo_id` (a single 'train' split) leaves it."""
+    from datasets.packaged_modules.json.json import Json
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    owner, name = repo_id.split("/")
+    builder = Json(dataset_name=name, data_files={"train": str(src)}, cache_dir=str(tmp_path / "build"))
+    builder.download_and_prepare()
+    shutil.copytree(builder.cache_dir, tmp_path / "cache" / f"{owner}___{name}" / "default" / "0.0.0" / "0123abcd")
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "unreachable"])
+def test_hub_dataset_without_network_comes_from_the_cache(tmp_path, monkeypatch, capfd, why):
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", _cache_as_hub_dataset(
+        tmp_path, "some_owner/tiny_tales", ["once upon a time", "the end"]))
+    if why == "HF_HUB_OFFLINE":  # what the variable sets at import
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: pytest.fail("checked the network"))
+    else:
+        monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: False)
+    connects = []
+    monkeypatch.setattr(socket.socket, "connect", lambda sock, address: connects.append(address))
+    capfd.readouterr()
+
+    assert load_texts(DataConfig(path="some_owner/tiny_tales")) == (["once upon a time", "the end"], None)
+    with pytest.raises(ConfigError, match="not in the local cache; use a local file") as e:
+        load_texts(DataConfig(path="some_owner/absent"))
+    assert ("HF_HUB_OFFLINE=1" if why == "HF_HUB_OFFLINE" else "huggingface.co) is unreachable") in str(e.value)
+    with pytest.raises(ConfigError, match="Unknown split"):
+        load_texts(DataConfig(path="some_owner/tiny_tales", split="validation"))
+    assert connects == []
+    assert capfd.readouterr().err == ""  # the libraries' warnings (using the cache, ...) stay quiet
+    assert datasets.config.HF_HUB_OFFLINE == constants.HF_HUB_OFFLINE == (why == "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("env", [{"HF_ENDPOINT": "https://hub.invalid"}, {"HF_HUB_OFFLINE": "1"}])
+def test_train_cli_with_a_hub_dataset_and_no_network_fails_fast_in_one_line(tmp_path, env):
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "", "HF_HOME": str(tmp_path / "hf"), **env}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data.path", "some_owner/some_dataset",
+                           "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not load 'some_owner/some_dataset'"), proc.stderr
+    assert "not in the local cache" in lines[0] and "Traceback" not in proc.stderr + proc.stdout
+    # 4-7 s of it is starting Python, jax and datasets on a busy 2-core machine; the libraries' own retries took
+    # ~25 s more before the error (and printed 20+ warning lines)
+    assert elapsed < 15, elapsed

@@ -11,7 +11,7 @@ from flax import nnx
 from transformer.config import Config, ModelConfig
 from transformer.encoder import EncoderLM
 from transformer.mlm import Specials, frame, mask_tokens
-from transformer.training import task_loss
+from transformer.training import means, task_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(arch="encoder", vocab_size=40, d_model=32, n_heads=4, n_layers=2, max_len=16, use_bias=True,
@@ -59,15 +59,15 @@ def test_mlm_loss_counts_only_selected_positions():
     weights[0, 3] = weights[1, 7] = 1.0
     batch = {"inputs": jnp.asarray(targets), "targets": jnp.asarray(targets), "weights": jnp.asarray(weights),
              "valid": jnp.ones((2, 12), bool)}
-    loss, _ = task_loss(model, batch, None, "mlm")
+    loss = means(task_loss(model, batch, None, "mlm"))["loss"]
     logp = jax.nn.log_softmax(model(batch["inputs"], valid_BT=batch["valid"]))
     expected = -(logp[0, 3, targets[0, 3]] + logp[1, 7, targets[1, 7]]) / 2
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     other = targets.copy()
     other[0, 0] = (other[0, 0] + 1) % 36  # an unselected target: no effect
-    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")[0]) == float(loss)
+    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")["loss"]) == 2 * float(loss)
     other[0, 3] = (other[0, 3] + 1) % 36  # a selected one: changes the loss
-    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")[0]) != float(loss)
+    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")["loss"]) != 2 * float(loss)
 
 
 def test_mlm_training_and_fill_mask(tmp_path):

@@ -31,24 +31,46 @@ def test_an_epoch_visits_every_pair_once_in_a_few_padded_shapes(kw):
     p = pipeline(**kw)
     batches = epoch_batches(p)
     seen = []
+    A, m = kw.get("accum", 1), kw.get("row_multiple", 1)
     for b in batches:
         rows, L = b["inputs"].shape
-        assert L in p.buckets and rows == p.rows_for(L)
-        if kw.get("batch_tokens"):
-            # as many rows as fit the budget per micro-batch, a multiple of the shards, never fewer than one each
-            per_micro = rows // kw.get("accum", 1)
-            m = kw.get("row_multiple", 1)
-            assert per_micro % m == 0 and (per_micro * L <= 600 or per_micro == m)
-            assert (per_micro + m) * L > 600
+        assert L in p.buckets and rows == p.rows_for(L) and rows % (A * m) == 0  # micro-batches split over shards
+        if kw.get("batch_tokens"):  # as many pairs as fit the budget per micro-batch
+            per_micro = p.pairs_for(L) // A
+            assert per_micro * L <= 600 < (per_micro + 1) * L
+        real = b["weights"].sum(1) > 0
+        assert real.sum() <= p.pairs_for(L) and real[:real.sum()].all()  # the pairs first, then empty rows
+        assert not b["valid"][~real].any() and (b["targets"][~real] == PAD).all()  # empty: no source, no weight
         # teacher forcing: BOS + target in, target + EOS out, weights on exactly the target + EOS positions
-        n_tgt = b["weights"].sum(1).astype(int)
-        assert (b["decoder_inputs"][:, 0] == BOS).all()
-        assert (b["targets"][np.arange(rows), n_tgt - 1] == EOS).all()
+        n_tgt = b["weights"][real].sum(1).astype(int)
+        assert (b["decoder_inputs"][real, 0] == BOS).all()
+        assert (b["targets"][real][np.arange(real.sum()), n_tgt - 1] == EOS).all()
         assert (b["valid"] == (b["inputs"] != PAD)).all()
-        seen += [int(r[0]) - 3 for r in b["inputs"]]
-    # every pair once (a short last batch of a bucket is filled by repeating its own pairs)
-    assert set(seen) == set(range(len(PAIRS)))
+        seen += [int(r[0]) - 3 for r in b["inputs"][real]]
+    assert sorted(seen) == list(range(len(PAIRS)))  # every pair exactly once
     assert len({b["inputs"].shape for b in batches}) <= len(p.buckets)  # one compiled step per bucket at most
+
+
+def test_batches_do_not_depend_on_the_mesh_and_a_foreign_position_is_refused():
+    """A run resumed on another number of devices sees the same pairs at every step: only the empty rows that
+    round a batch up to the shards differ."""
+    from transformer.config import ConfigError
+    runs = [pipeline(batch_tokens=600, accum=2, row_multiple=m) for m in (1, 2, 8)]
+    for step in range(80):  # over two epochs
+        pairs = []
+        for p in runs:
+            b = p.next(step, np.arange)
+            pairs.append([int(r[0]) for r in b["inputs"][b["weights"].sum(1) > 0]])
+        assert pairs[0] == pairs[1] == pairs[2]
+    assert runs[0].epoch >= 1
+    with pytest.raises(ConfigError, match="does not fit"):
+        pipeline(batch_tokens=600).restore({"epoch": 0, "index": 10 ** 6})
+
+
+def test_validation_is_the_whole_set_once():
+    p = pipeline()  # 20 validation pairs in batches of 8 (eval_batches=2 no longer cuts it to the 16 shortest)
+    real = [int(r[0]) - 3 for b in p.val for r, w in zip(b["inputs"], b["weights"]) if w.sum() > 0]
+    assert sorted(real) == list(range(20))
 
 
 def test_token_budget_batches_hold_more_short_rows():

@@ -77,6 +77,15 @@ def test_top_p_hand_computed_case():
     assert np.isfinite(np.asarray(top_p_filter(shuffled, 0.6)))[0].tolist() == [False, True, False, True, False]
 
 
+def test_top_p_at_an_exact_boundary_keeps_no_further_tokens():
+    """0.5 + 0.3 reaches p = 0.8 exactly, but the float32 softmax sums to a hair under it: the two 0.1 tokens (tied
+    with each other, not with the last kept token) must not be kept."""
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.1]]))
+    assert np.isfinite(np.asarray(top_p_filter(logits, 0.8)))[0].tolist() == [True, True, False, False]
+    tied = jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1]]))  # ties with the last kept token stay
+    assert np.isfinite(np.asarray(top_p_filter(tied, 0.8)))[0].tolist() == [True] * 4
+
+
 def test_top_k_edges_and_ties():
     logits = jnp.array([[1.0, 3.0, 2.0, 3.0, 0.0]])
     finite = lambda x: np.isfinite(np.asarray(x))[0].tolist()
@@ -129,13 +138,31 @@ def test_stop_sequence_ends_a_row():
     assert cut == row[:first + 2]
 
 
+def test_identical_prompts_in_one_batch_sample_differently():
+    _, graphdef, state = split()
+    out = generate(graphdef, state, [[1, 2, 3]] * 4, max_new_tokens=8, max_len=16, sampler=Sampler(1.0),
+                   key=jax.random.key(0)).tokens
+    assert len({tuple(row) for row in out}) == 4  # one random stream per row
+
+
+def test_a_short_stop_sequence_is_found_beside_a_long_one():
+    _, graphdef, state = split()
+    kw = dict(max_new_tokens=12, max_len=16, sampler=Sampler(0.0))
+    row = generate(graphdef, state, [[1, 2, 3]], **kw).tokens[0]
+    long_stop = [22] * 20  # longer than the prompt and everything generated so far
+    for first in (row[0], row[1]):
+        cut = generate(graphdef, state, [[1, 2, 3]], stop_sequences=[[first], long_stop], **kw).tokens[0]
+        assert cut == row[:row.index(first) + 1]
+
+
 def test_ragged_batch_equals_separate_runs():
     _, graphdef, state = split(positions="rotary")
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 9, 8]]
-    kw = dict(max_new_tokens=8, max_len=16, sampler=Sampler(0.9, top_k=10), key=jax.random.key(11), logprobs=True)
-    batch = generate(graphdef, state, prompts, **kw)
+    key = jax.random.key(11)
+    kw = dict(max_new_tokens=8, max_len=16, sampler=Sampler(0.9, top_k=10), logprobs=True)
+    batch = generate(graphdef, state, prompts, key=key, **kw)
     for i, p in enumerate(prompts):
-        alone = generate(graphdef, state, [p], **kw)
+        alone = generate(graphdef, state, [p], keys=[jax.random.fold_in(key, i)], **kw)  # row i's own stream
         assert alone.tokens[0] == batch.tokens[i]
         np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[i], rtol=1e-4, atol=1e-5)
 

@@ -117,57 +117,63 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
     assert cli.stdout.splitlines() == [s[::-1] for s in tests[:5]]
 
 
-def test_beam_search_finds_the_sequence_greedy_misses():
-    """Hand-built next-token table: greedy takes 'a' (0.6) then EOS (0.4) = 0.24; 'b' (0.4) then EOS (0.9) = 0.36."""
-    from transformer.sampling import beam_search
-    PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
-    table = np.full((5, 5), 1e-9)
-    table[BOS, [A, B]] = [0.6, 0.4]
-    table[A, [A, B, EOS]] = [0.3, 0.3, 0.4]
-    table[B, [A, EOS]] = [0.1, 0.9]
-    table[[EOS, PAD], EOS] = 1.0
-    logits = jnp.log(jnp.asarray(table / table.sum(1, keepdims=True)))
-
-    def step(prev_R, t, state):
-        return logits[prev_R], state
-
-    def run(beam):
-        tokens, scores = beam_search(step, jnp.zeros((2 * beam, 1)), batch=2, beam=beam, max_new=4, bos=BOS,
-                                     eos=EOS, pad=PAD, length_penalty=0.0)
-        return np.asarray(tokens[:, 0]), np.asarray(scores[:, 0])
-
-    greedy, g_score = run(1)
-    best, b_score = run(2)
-    assert greedy[0].tolist() == [A, EOS, PAD, PAD] and best[0].tolist() == [B, EOS, PAD, PAD]
-    np.testing.assert_allclose(np.exp([g_score[0], b_score[0]]), [0.24, 0.36], rtol=1e-4)
-
-
-def test_beam_size_one_equals_greedy_and_beam_decoding_runs(model):
-    from transformer.sampling import translate
+def test_beam_search_scores_are_the_models_and_beam_one_is_never_worse_than_greedy(model):
+    from transformer.sampling import _compiled_beam, translate
     sources = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     kw = dict(max_new_tokens=8, bos=1, eos=2, pad=0)
     gd, params = nnx.split(model, nnx.Param)
-    greedy = translate(gd, params, sources, **kw)
-    from transformer.sampling import _compiled_beam
     src = np.zeros((3, 16), np.int32)
     for i, s in enumerate(sources):
         src[i, :len(s)] = s
     valid = jnp.asarray(src != 0)
-    beam1 = np.asarray(_compiled_beam(gd, 1, 8, 1, 2, 0, 0.6)(params, jnp.asarray(src), valid)[0])
-    assert [row[:len(g)] for row, g in zip(beam1.tolist(), greedy)] == greedy
+
+    def logp_of(p, tokens):  # log-probability of each row's tokens up to its EOS, from a full teacher-forced pass
+        dec_in = jnp.concatenate([jnp.ones((len(tokens), 1), jnp.int32), tokens[:, :-1]], axis=1)
+        logp = jax.nn.log_softmax(nnx.merge(gd, p)(jnp.asarray(src), dec_in, src_valid_BS=valid), axis=-1)
+        tok_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+        ended = jnp.cumsum(tokens == 2, axis=1) - (tokens == 2)  # positions after the EOS
+        return jnp.where(ended > 0, 0.0, tok_logp).sum(1)
+
+    # Beam 1 keeps the best hypothesis that ended along the greedy path, so under its own (length-penalised)
+    # score it is never worse than greedy decoding; neither emits PAD or BOS.
+    greedy = translate(gd, params, sources, **kw)
+    beam1, score1 = _compiled_beam(gd, 1, 8, 1, 2, 0, 0.6)(params, jnp.asarray(src), valid)
+    for g, b, s, logp in zip(greedy, beam1.tolist(), score1, logp_of(
+            params, jnp.asarray([g + [2] + [0] * (7 - len(g)) if len(g) < 8 else g for g in greedy]))):
+        assert not {0, 1} & set(g) and not {0, 1} & set(b[:b.index(2)] if 2 in b else b)
+        if len(g) < 8:  # greedy ended with EOS within the budget
+            assert float(s) >= float(logp) / ((5 + len(g) + 1) / 6) ** 0.6 - 1e-4
     # Beam 4 with the cache reordered along with the beams: each returned score is the true log-probability of
     # the returned tokens under a full (uncached) teacher-forced forward pass. Weights scaled up so that the
     # random model's predictions depend strongly on the context (a wrongly ordered cache then shows).
     sharp = jax.tree.map(lambda p: p * 3.0, params)
     tokens, scores = _compiled_beam(gd, 4, 8, 1, 2, 0, 0.0)(sharp, jnp.asarray(src), valid)
-    dec_in = jnp.concatenate([jnp.ones((3, 1), jnp.int32), tokens[:, :-1]], axis=1)
-    logp = jax.nn.log_softmax(nnx.merge(gd, sharp)(jnp.asarray(src), dec_in, src_valid_BS=valid), axis=-1)
-    tok_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-    ended = jnp.cumsum(tokens == 2, axis=1) - (tokens == 2)  # positions after the EOS
-    np.testing.assert_allclose(jnp.where(ended > 0, 0.0, tok_logp).sum(1), scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logp_of(sharp, tokens), scores, rtol=1e-4, atol=1e-4)
     best = tokens[0].tolist()
     assert translate(gd, sharp, sources, beam_size=4, length_penalty=0.0, **kw)[0] == best[:best.index(2)] \
         if 2 in best else best
+
+
+def test_learned_positions_never_run_past_their_table(tmp_path):
+    """A source padded past max_len used to look up positions the table does not have (NaN rows that spread through
+    the attention): padding stops at max_len, the target at the end of the table, and greedy decoding equals an
+    argmax loop over the full forward."""
+    from transformer.sampling import translate
+    cfg = ModelConfig(arch="encoder_decoder", vocab_size=30, d_model=32, n_heads=4, n_layers=1, max_len=20,
+                      positions="learned")
+    model = EncoderDecoder(cfg, rngs=nnx.Rngs(1))
+    gd, params = nnx.split(model, nnx.Param)
+    src = list(range(3, 21))  # 18 tokens: padded to 32 before, to 20 now
+    out = translate(gd, params, [src], max_new_tokens=40, bos=1, eos=-1, pad=0, target_margin=None)[0]
+    assert len(out) == 20  # the position table's length, not 40
+    dec = [1]
+    for _ in range(20):
+        logits = model(jnp.asarray([src]), jnp.asarray([dec]), src_valid_BS=jnp.ones((1, 18), bool))[0, -1]
+        logits = logits.at[jnp.array([0, 1])].set(-jnp.inf)  # a target never holds PAD or BOS
+        dec.append(int(jnp.argmax(logits)))
+    assert out == dec[1:]
+    with pytest.raises(ValueError, match="longer than the model's context of 20"):
+        translate(gd, params, [list(range(3, 24))], max_new_tokens=5, bos=1, eos=2, pad=0)
 
 
 def test_targets_stop_a_margin_past_the_source_length(model):
@@ -180,7 +186,8 @@ def test_targets_stop_a_margin_past_the_source_length(model):
         rows = translate(gd, params, [[5, 6, 7], [8, 9]], max_new_tokens=40, target_margin=margin, beam_size=beam,
                          **kw)
         assert [len(r) for r in rows] == [want, want], (margin, beam)
-    assert [len(r) for r in translate(gd, params, [[5] * 17], max_new_tokens=60, target_margin=3, **kw)] == [35]
+    # 17 tokens round up to 32, but padding stops at the context (24): 24 + 3
+    assert [len(r) for r in translate(gd, params, [[5] * 17], max_new_tokens=60, target_margin=3, **kw)] == [27]
 
 
 def test_misaligned_files_are_a_one_line_error(tmp_path):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformer import sharding
 from transformer.cli import parse_args
-from transformer.config import OptimConfig
+from transformer.config import Config, MeshConfig, ModelConfig, OptimConfig
 from transformer.model import DecoderLM
-from transformer.trainer import METRICS_FILE, TrainingDiverged, train
-from transformer.training import cross_entropy, lr_schedule
+from transformer.trainer import METRICS_FILE, TrainingDiverged, build_state, evaluate, train
+from transformer.training import cross_entropy, lr_schedule, make_optimizer, make_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(400))
@@ -157,3 +158,80 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert "SIGTERM: saved a checkpoint" in out and "Traceback" not in out
     steps = [int(s) for s in os.listdir(run / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 5
+
+
+def seq2seq_steps(**optim):
+    """A tiny encoder-decoder's (graphdef, create_state, train_step, eval_step, mesh) on one device."""
+    model = ModelConfig(arch="encoder_decoder", vocab_size=29, d_model=16, n_heads=2, n_layers=1, max_len=24,
+                        positions="sinusoidal")
+    cfg = Config(model=model, optim=OptimConfig(warmup_steps=1, **optim), preset="tiny").validate()
+    mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    graphdef, tx, _, shardings, create = build_state(cfg, mesh)
+    return (graphdef, create, *make_steps(graphdef, tx, cfg, mesh, shardings), mesh)
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_tokens():
+    """16 target tokens in one row, 2 in the other: split into two micro-batches, the step must equal the one-batch
+    step (a mean of micro-batch means would count the 2 tokens as much as the 16)."""
+    _, create, train_step, _, _ = seq2seq_steps(label_smoothing=0.1)
+    rng = np.random.default_rng(0)
+    batch = {k: rng.integers(3, 29, (2, 24)).astype(np.int32) for k in ("inputs", "decoder_inputs", "targets")}
+    batch["valid"] = np.zeros((2, 24), bool)
+    batch["valid"][0, :20] = batch["valid"][1, :5] = True
+    batch["weights"] = np.zeros((2, 24), np.float32)
+    batch["weights"][0, :16] = batch["weights"][1, :2] = 1.0
+    one, m_one = train_step(create(), {k: jnp.asarray(a[None]) for k, a in batch.items()})  # A=1, B=2
+    two, m_two = train_step(create(), {k: jnp.asarray(a[:, None]) for k, a in batch.items()})  # A=2, B=1
+    np.testing.assert_allclose(m_two["loss"], m_one["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_two["grad_norm"], m_one["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert int(m_one["tokens"]) == int(m_two["tokens"]) == 20 + 5 + 16 + 2  # real source + target tokens
+
+
+def test_evaluation_is_a_per_token_mean_over_the_whole_validation_set():
+    """11 pairs of assorted lengths in length-sorted batches of 4: the validation loss is the sum over every target
+    token divided by their count, not a mean of batch means (nor of the first batches only)."""
+    from transformer.pipelines import Seq2SeqPipeline
+    graphdef, create, _, eval_step, mesh = seq2seq_steps()
+    rng = np.random.default_rng(1)
+    pairs = [(rng.integers(3, 29, n).tolist(), rng.integers(3, 29, m).tolist())
+             for n, m in zip((1, 3, 20, 7, 2, 9, 15, 4, 11, 6, 18), (2, 1, 19, 5, 8, 3, 12, 22, 6, 9, 14))]
+    pipe = Seq2SeqPipeline(pairs, pairs, T=24, batch_rows=4, eval_rows=4, n_eval=1, seed=0, encode=lambda s: s,
+                           bos=1, eos=2, pad=0)
+    params = create()["params"]
+    val = evaluate(eval_step, params, pipe.val, sharding.batch_sharding(mesh))
+    model = nnx.merge(graphdef, params)
+    total = count = 0.0
+    for src, tgt in pairs:  # each pair alone, unpadded
+        logits = model(jnp.asarray([src]), jnp.asarray([[1] + tgt]), src_valid_BS=jnp.ones((1, len(src)), bool))
+        total += float(cross_entropy(logits, jnp.asarray([tgt + [2]]))) * (len(tgt) + 1)
+        count += len(tgt) + 1
+    np.testing.assert_allclose(val["loss"], total / count, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_cfg", [
+    ModelConfig(arch="encoder_decoder", vocab_size=11, d_model=8, n_heads=2, n_layers=1, use_bias=True, max_len=8),
+    ModelConfig(arch="encoder", vocab_size=11, d_model=8, n_heads=2, n_layers=1, use_bias=True, max_len=8,
+                type_vocab_size=2, embed_norm=True, n_classes=3, activation="swiglu"),
+], ids=["encoder_decoder", "encoder"])
+def test_weight_decay_reaches_weight_matrices_and_tables_only(model_cfg):
+    """With zero gradients AdamW moves exactly the decayed parameters: every weight matrix and embedding / position
+    table, never a bias (the fused q/k/v bias is 3-D) or a norm scale."""
+    from transformer.models import build_model
+    _, params = nnx.split(build_model(model_cfg, nnx.Rngs(0)), nnx.Param)
+    params = jax.tree.map(lambda p: p + 1.0, params)  # biases start at 0, where decay would not show
+    tx = make_optimizer(OptimConfig(weight_decay=0.5, warmup_steps=1), 10)
+    opt_state, zero = tx.init(params), jax.tree.map(jnp.zeros_like, params)
+    for _ in range(2):  # the learning rate is 0 at step 0
+        updates, opt_state = tx.update(zero, opt_state, params)
+    name = lambda path: jax.tree_util.keystr(path).split("'")[-2]  # noqa: E731  the attribute, e.g. b_qkv_CNH
+    moved = {name(p) for p, u in jax.tree_util.tree_leaves_with_path(updates) if float(jnp.abs(u).max()) > 0}
+    kept = {name(p) for p, u in jax.tree_util.tree_leaves_with_path(updates)} - moved
+    matrices = {"w_qkv_DCNH", "w_o_NHD", "table_VD", "table_TD"}
+    if model_cfg.arch == "encoder_decoder":
+        assert moved == matrices | {"w_q_DNH", "w_kv_DCNH", "w_in_DF", "w_out_FD"}
+    else:
+        assert moved == matrices | {"w_in_DCF", "w_out_FD", "segment_SD", "w_DD", "w_pool_DD", "w_out_DC"}
+    assert kept == {"b_qkv_CNH", "b_o_D", "b_out_D", "scale_D", "bias_D"} | (
+        {"b_in_F"} if model_cfg.arch == "encoder_decoder" else {"b_D", "b_V", "b_pool_D", "b_out_C"})

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, dense, dense_out, dropout, kernel_init, param, rotary, zeros
+from transformer.layers import DTYPES, bias_param, dense, dense_out, dropout, kernel_init, param, rotary
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -84,8 +84,8 @@ class Attention(nnx.Module):
         self.w_o_NHD = param(rngs, kernel_init(cfg, in_axis=(0, 1), out_axis=2, residual=True), (N, H, D),
                              ("heads", "head_dim", "embed"))
         if cfg.use_bias:
-            self.b_qkv_CNH = param(rngs, zeros, (3, N, H), (None, "heads", "head_dim"))
-            self.b_o_D = param(rngs, zeros, (D,), ("embed",))
+            self.b_qkv_CNH = bias_param(rngs, (3, N, H), (None, "heads", "head_dim"))
+            self.b_o_D = bias_param(rngs, (D,), ("embed",))
         else:
             self.b_qkv_CNH = self.b_o_D = None
 

@@ -2,13 +2,16 @@
 `meta` holding the resolved config, the tokenizer and the data-iterator state, and `ema` (the weights' moving average)
 when the run keeps one. One checkpoint directory is self-contained, and sampling restores one set of weights alone.
 
-Keeps the latest `keep` checkpoints and, in addition, the best one by validation loss. Orbax writes each step to a
-temporary directory and renames it when complete, so an interrupted save never shadows the last good checkpoint.
+Keeps the latest `keep` checkpoints and, in addition, the best one by validation loss, over every step in the
+directory whichever process wrote it: a step's val loss is saved with it (its `metrics` item), so a resumed run still
+knows the best. Orbax writes each step to a temporary directory and renames it when complete, so an interrupted save
+never shadows the last good checkpoint; the next writer removes such leftovers.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,15 +24,28 @@ WEIGHT_ITEMS = ("params", "ema")  # saved as their own items, so inference resto
 CONFIG_FILE = "config.json"
 
 
+def _val_loss(metrics: dict) -> float:
+    return metrics["val_loss"]
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int = 3, *, read_only: bool = False):
         directory = os.path.abspath(os.path.join(run_dir, CKPT_DIR))
+        # On start orbax lists the steps already in the directory with the metrics it reads back from each one. Two
+        # settings make that cover steps an earlier (killed or finished) process wrote:
+        # - `best_fn` is what makes orbax write a step's metrics at all (a `preservation_policy` alone never does);
+        # - BestN keeps steps without metrics unless told not to, so those older steps (and saves with no evaluation,
+        #   such as the one on SIGTERM) were kept forever: every restart leaked up to `keep` + 1 checkpoints.
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=keep),
-            pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1),  # reverse: lower is better
+            pp.BestN(get_metric_fn=_val_loss, reverse=True, n=1,  # reverse: lower is better
+                     keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                               read_only=read_only, enable_async_checkpointing=not read_only)
+        if not read_only and jax.process_index() == 0:
+            _remove_unfinished_saves(directory)
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_val_loss, best_mode="min",
+                                               create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=not read_only)
         self.manager = ocp.CheckpointManager(directory, options=options,
                                              item_names=("params", "train", "meta", "ema"))
 
@@ -68,6 +84,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+    """A process killed mid-save leaves a temporary step directory that no step listing (so no policy) sees. Done
+    here, before any save, rather than by orbax's `cleanup_tmp_directories`: that runs in a thread which a quick
+    exit (a config error) cuts off at interpreter shutdown, printing a traceback. Readers never do it: they may be
+    looking at a run that is still saving."""
+    for tmp in ocp.path.step.all_temporary_paths(directory):
+        shutil.rmtree(tmp.get(), ignore_errors=True)
 
 
 def abstract_like(tree, shardings):

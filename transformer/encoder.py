@@ -7,8 +7,8 @@ from flax import nnx
 
 from transformer.attention import padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import (ACTIVATIONS, DTYPES, AbsolutePositions, Embed, Norm, dense, dropout, kernel_init,
-                                lookup, normal, param, zeros)
+from transformer.layers import (ACTIVATIONS, DTYPES, AbsolutePositions, Embed, Norm, bias_param, dense, dropout,
+                                kernel_init, lookup, normal, param)
 from transformer.model import Block, split_key
 
 
@@ -53,9 +53,9 @@ class MLMHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.activation = "gelu_exact" if cfg.activation == "swiglu" else cfg.activation
         self.w_DD = param(rngs, kernel_init(cfg), (cfg.d_model, cfg.d_model), ("embed", None))
-        self.b_D = param(rngs, zeros, (cfg.d_model,), (None,))
+        self.b_D = bias_param(rngs, (cfg.d_model,), (None,))
         self.norm = Norm(cfg, rngs=rngs)
-        self.b_V = param(rngs, zeros, (cfg.vocab_size,), ("vocab",))
+        self.b_V = bias_param(rngs, (cfg.vocab_size,), ("vocab",))
 
     def __call__(self, x_BTD, embed: Embed):
         h_BTD = ACTIVATIONS[self.activation](dense(x_BTD, self.w_DD[...]) + self.b_D[...].astype(x_BTD.dtype))
@@ -67,9 +67,9 @@ class Classifier(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.w_pool_DD = param(rngs, kernel_init(cfg), (cfg.d_model, cfg.d_model), ("embed", None))
-        self.b_pool_D = param(rngs, zeros, (cfg.d_model,), (None,))
+        self.b_pool_D = bias_param(rngs, (cfg.d_model,), (None,))
         self.w_out_DC = param(rngs, kernel_init(cfg), (cfg.d_model, cfg.n_classes), ("embed", None))
-        self.b_out_C = param(rngs, zeros, (cfg.n_classes,), (None,))
+        self.b_out_C = bias_param(rngs, (cfg.n_classes,), (None,))
 
     def __call__(self, x_BTD, dropout_rate: float = 0.0, dropout_key=None):
         cls_BD = x_BTD[:, 0].astype(jnp.float32)

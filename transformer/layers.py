@@ -19,14 +19,22 @@ from transformer.sharding import ACT_BTD, constrain, data_only_mesh, is_partitio
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
-    assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
-
-
 normal = jax.nn.initializers.normal
 zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
+          decay: bool = True) -> nnx.Param:
+    """A float32 weight with its logical axes. `decay`: whether AdamW's weight decay applies (matrices and tables
+    yes; biases and norm scales no: `bias_param`, `Norm`)."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes, decay=decay)
+
+
+def bias_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    """A bias: zeros, never weight-decayed, whatever its rank (the fused q/k/v bias is (3, N, H))."""
+    return param(rngs, zeros, shape, axes, decay=False)
 
 
 def kernel_init(cfg: ModelConfig, *, in_axis=-2, out_axis=-1, batch_axis=(), residual: bool = False):
@@ -215,8 +223,8 @@ class Norm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.rms = cfg.norm == "rmsnorm"
         self.eps = cfg.norm_eps
-        self.scale_D = param(rngs, ones, (cfg.d_model,), ("embed",))
-        self.bias_D = param(rngs, zeros, (cfg.d_model,), ("embed",)) if cfg.use_bias and not self.rms else None
+        self.scale_D = param(rngs, ones, (cfg.d_model,), ("embed",), decay=False)
+        self.bias_D = bias_param(rngs, (cfg.d_model,), ("embed",)) if cfg.use_bias and not self.rms else None
 
     def __call__(self, x):
         dtype = x.dtype
@@ -249,8 +257,8 @@ class MLP(nnx.Module):
         else:
             self.w_in_DF = param(rngs, kernel_init(cfg), (D, F), ("embed", "mlp"))
         self.w_out_FD = param(rngs, kernel_init(cfg, residual=True), (F, D), ("mlp", "embed"))
-        self.b_in_F = param(rngs, zeros, (F,), ("mlp",)) if cfg.use_bias and self.activation != "swiglu" else None
-        self.b_out_D = param(rngs, zeros, (D,), ("embed",)) if cfg.use_bias else None
+        self.b_in_F = bias_param(rngs, (F,), ("mlp",)) if cfg.use_bias and self.activation != "swiglu" else None
+        self.b_out_D = bias_param(rngs, (D,), ("embed",)) if cfg.use_bias else None
 
     def __call__(self, x_BTD):
         if self.activation == "swiglu":

@@ -105,7 +105,7 @@ class ClassifyPipeline:
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.index = _checked_position(state, lambda e: len(self._order(e)), "classification examples")
 
 
 def bucket_lengths(max_len: int) -> list[int]:
@@ -116,7 +116,12 @@ def bucket_lengths(max_len: int) -> list[int]:
 
 class Seq2SeqPipeline:
     """Translation pairs as (source, BOS + target) -> (target + EOS), in batches of similar length: each epoch
-    groups the pairs by padded length bucket, shuffles within buckets, and visits the batches in a seeded order."""
+    groups the pairs by padded length bucket, shuffles within buckets, and visits the batches in a seeded order.
+
+    The plan of an epoch depends on the data, the seed and the batch size only, never on the mesh: a batch whose row
+    count the data-parallel shards (`row_multiple`) do not divide is completed with empty rows (no source, zero
+    weight), so a run resumed on another number of devices sees exactly the same pairs at every step. Validation is
+    the whole validation set, length-sorted into batches of `eval_rows` (the last one completed with empty rows)."""
 
     def __init__(self, train, val, *, T: int, batch_rows: int, eval_rows: int, n_eval: int, seed: int, encode,
                  bos: int, eos: int, pad: int, batch_tokens: int = 0, accum: int = 1, row_multiple: int = 1):
@@ -127,10 +132,10 @@ class Seq2SeqPipeline:
         self.train = self._encode(train, encode)
         if not self.train:
             raise ConfigError(f"no training pair fits model.max_len={T} tokens; raise it")
-        val = self._encode(val, encode)
-        order = sorted(range(len(val)), key=lambda i: self._need(val[i]))[:n_eval * eval_rows]
-        self.val = [self._batch([val[i] for i in order[k:k + eval_rows]], eval_rows)
-                    for k in range(0, len(order) - eval_rows + 1, eval_rows)] or [self._batch(val, eval_rows)]
+        val = sorted(self._encode(val, encode), key=self._need)
+        if not val:
+            raise ConfigError(f"no validation pair fits model.max_len={T} tokens; raise it")
+        self.val = [self._batch(val[k:k + eval_rows], eval_rows) for k in range(0, len(val), eval_rows)]
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
 
@@ -146,8 +151,8 @@ class Seq2SeqPipeline:
         return max(len(pair[0]), len(pair[1]) + 1)
 
     def _batch(self, pairs, rows: int) -> dict:
-        """Pad `pairs` (cyclically up to `rows`) to the smallest bucket that holds them all."""
-        pairs = [pairs[i % len(pairs)] for i in range(rows)]
+        """`pairs` padded to the smallest bucket that holds them all, in `rows` rows: the rows past the pairs are
+        empty (all padding, weight 0), so they change no loss, gradient or count."""
         L = next(b for b in self.buckets if b >= max(self._need(p) for p in pairs))
         src = np.full((rows, L), self.pad, np.int32)
         dec_in = np.full((rows, L), self.pad, np.int32)
@@ -161,13 +166,18 @@ class Seq2SeqPipeline:
         return {"inputs": src, "valid": src != self.pad, "decoder_inputs": dec_in, "targets": tgt,
                 "weights": weights}
 
-    def rows_for(self, L: int) -> int:
-        """Rows of a batch padded to length L: a fixed count, or (with `batch_tokens`) as many as fit the token budget
-        per micro-batch, a multiple of `row_multiple` (the data-parallel shards), times the `accum` micro-batches."""
+    def pairs_for(self, L: int) -> int:
+        """Pairs in a batch padded to length L: a fixed count, or (with `batch_tokens`) as many as fit the token
+        budget per micro-batch, times the `accum` micro-batches. Independent of the mesh."""
         if not self.batch_tokens:
             return self.batch_rows
-        m = self.row_multiple
-        return self.accum * max(m, self.batch_tokens // L // m * m)
+        return self.accum * max(1, self.batch_tokens // L)
+
+    def rows_for(self, L: int) -> int:
+        """Rows of a batch padded to length L: `pairs_for(L)` rounded up so that each of the `accum` micro-batches
+        splits evenly over the data-parallel shards."""
+        m = self.accum * self.row_multiple
+        return -(-self.pairs_for(L) // m) * m
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         if self._plan_epoch != epoch:
@@ -177,7 +187,7 @@ class Seq2SeqPipeline:
             batches = []
             for b in np.unique(bucket_of):
                 members = rng.permutation(np.flatnonzero(bucket_of == b))
-                n = self.rows_for(self.buckets[b])
+                n = self.pairs_for(self.buckets[b])
                 batches += [members[k:k + n] for k in range(0, len(members), n)]
             self._batches = [batches[i] for i in rng.permutation(len(batches))]
             self._plan_epoch = epoch
@@ -198,7 +208,16 @@ class Seq2SeqPipeline:
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.epoch, self.index = _checked_position(state, lambda e: len(self._plan(e)), "translation batches")
+
+
+def _checked_position(state: dict, epoch_length, what: str) -> tuple[int, int]:
+    """(epoch, index) of a saved iterator state, if it lies inside this data's epochs; a ConfigError if not."""
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index < epoch_length(epoch):
+        raise ConfigError(f"data iterator state {state} does not fit these {what}; were the data, the batch size or "
+                          "model.max_len changed since the checkpoint?")
+    return epoch, index
 
 
 def translation_ids(tok) -> tuple[int, int, int, int]:

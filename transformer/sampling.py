@@ -20,8 +20,10 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.attention import causal_mask, padding_mask
+from transformer.beam_search import beam_search
 
 FILTERED = -jnp.inf  # a filtered token gets probability exactly 0
+NOT_GENERATED = -2  # fills the window of recent tokens before generation: matches no token and no stop padding
 
 
 def temperature_filter(logits_BV, temperature: float):
@@ -36,15 +38,20 @@ def top_k_filter(logits_BV, k: int):
     return jnp.where(logits_BV < kth_B1, FILTERED, logits_BV)
 
 
+# float32 sums of probabilities are off by a few ulps: a top set whose mass is p up to rounding has reached p.
+TOP_P_TOLERANCE = 1e-6
+
+
 def top_p_filter(logits_BV, p: float):
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one token; ties at
-    the boundary are kept). p >= 1 keeps all."""
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (at least one token; ties
+    with the last kept token are kept). A set whose mass equals p up to float32 rounding has reached it: the next
+    tokens are not kept. p >= 1 keeps all."""
     if p >= 1.0:
         return logits_BV
     sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV.astype(jnp.float32), axis=-1)
     mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    n_keep_B1 = jnp.maximum(jnp.sum(mass_before_BV < p, axis=-1, keepdims=True), 1)
+    n_keep_B1 = jnp.maximum(jnp.sum(mass_before_BV < p - TOP_P_TOLERANCE, axis=-1, keepdims=True), 1)
     threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
     return jnp.where(logits_BV < threshold_B1, FILTERED, logits_BV)
 
@@ -139,18 +146,17 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
         return {"tokens": tokens_BL, "valid": valid_BL, "cache": cache, "logits": last_BV.astype(jnp.float32),
                 "lengths": valid_BP.sum(1).astype(jnp.int32), "done": jnp.zeros((B,), bool),
                 "step": jnp.zeros((), jnp.int32), "keys": keys_B, "stops": stops_KM,
+                "tail": jnp.full((B, stops_KM.shape[1]), NOT_GENERATED, jnp.int32),
                 "logprobs": jnp.zeros((B, N), jnp.float32)}
 
-    def stop_hit(tokens_BL, t, stops_KM):
-        """Do the generated tokens of a row end, at step t, with one of the stop sequences (right-aligned, padded
-        with -1 on the left)? Only generated tokens count: a stop never straddles the prompt."""
-        K, M = stops_KM.shape
-        if K == 0:
-            return jnp.zeros((tokens_BL.shape[0],), bool)
-        tail_BM = jax.lax.dynamic_slice_in_dim(tokens_BL, P + t - M + 1, M, axis=1)
+    def stop_hit(tail_BM, stops_KM):
+        """Do the last M generated tokens of each row (`tail_BM`, NOT_GENERATED before the first ones) end with one
+        of the stop sequences (right-aligned, padded with -1 on the left)? Only generated tokens count: a stop never
+        straddles the prompt, and a short stop is found however long the longest one is."""
+        if stops_KM.shape[0] == 0:
+            return jnp.zeros((tail_BM.shape[0],), bool)
         match_BKM = (tail_BM[:, None, :] == stops_KM[None]) | (stops_KM[None] < 0)
-        fits_K = jnp.sum(stops_KM >= 0, axis=1) <= t + 1
-        return jnp.any(jnp.all(match_BKM, axis=-1) & fits_K[None], axis=-1)
+        return jnp.any(jnp.all(match_BKM, axis=-1), axis=-1)
 
     def step(params, s):
         t = s["step"]
@@ -164,7 +170,9 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
         if with_logprobs:
             lp_B = jnp.take_along_axis(jax.nn.log_softmax(s["logits"]), token_B[:, None], axis=1)[:, 0]
             out["logprobs"] = s["logprobs"].at[:, t].set(jnp.where(s["done"], 0.0, lp_B))
-        finished_B = (token_B == eos_id) | stop_hit(tokens_BL, t, s["stops"]) | (t + 1 >= N)
+        if s["tail"].shape[1]:  # no stop sequences: no window to keep
+            out["tail"] = jnp.concatenate([s["tail"][:, 1:], token_B[:, None]], axis=1)
+        finished_B = (token_B == eos_id) | stop_hit(out["tail"], s["stops"]) | (t + 1 >= N)
         out["done"] = s["done"] | finished_B
         lengths_B = s["lengths"] + 1  # the sequence the next forward conditions on
         out["lengths"] = lengths_B
@@ -225,8 +233,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
              chunk: int | None = None, on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
     """Generate up to `max_new_tokens` after each prompt.
 
-    `key` (or one key per row in `keys`) seeds sampling; row b uses its own key, so a prompt gives the same tokens
-    alone or in a batch. With `chunk`, the decode loop returns to Python every `chunk` tokens and `on_tokens` gets
+    `key` seeds sampling, row b drawing from `fold_in(key, b)` (or give one key per row in `keys`): each row has its
+    own random stream, so identical prompts in one batch give different samples, and row b's tokens do not depend on
+    the other rows. With `chunk`, the decode loop returns to Python every `chunk` tokens and `on_tokens` gets
     the new tokens of every row (streaming); without it, prefill and decoding are one compiled call.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -245,9 +254,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
     for b, p in enumerate(prompts):
         p = list(p)[-P:]
         tokens[b, P - len(p):], valid[b, P - len(p):] = p, True
-    if keys is None:
+    if keys is None:  # row b draws from fold_in(key, b): identical prompts in one batch give different samples
         key = jax.random.key(0) if key is None else key
-        keys = [key] * B
+        keys = [jax.random.fold_in(key, b) for b in range(B)]
     keys_B = jnp.stack([jax.random.key_data(k) for k in keys])
     M = max((len(s) for s in stop_sequences), default=0)
     stops = np.full((len(stop_sequences), M), -1, np.int32)
@@ -329,6 +338,8 @@ def _compiled_translate(graphdef, sampler: Sampler, max_new: int, bos: int, eos:
         model = nnx.merge(graphdef, params)
         B = src_BS.shape[0]
         kvs = model.cross_kvs(model.encode(src_BS, valid_BS))  # the source is encoded once, its K/V kept
+        vocab_V = jnp.arange(model.cfg.vocab_size)
+        never_V = ((vocab_V == pad) | (vocab_V == bos)) & (vocab_V != eos)  # a target never holds PAD or BOS
         state = {"t": jnp.zeros((), jnp.int32), "tokens": jnp.full((B, N + 1), pad, jnp.int32).at[:, 0].set(bos),
                  "cache": model.init_cache(B, N), "done": jnp.zeros((B,), bool)}
 
@@ -339,7 +350,8 @@ def _compiled_translate(graphdef, sampler: Sampler, max_new: int, bos: int, eos:
                 positions_BT=jnp.full((B, 1), t, jnp.int32), mask_B1TS=(jnp.arange(N) <= t)[None, None, None, :],
                 cache=s["cache"], cache_index=t)
             keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), t))(keys_B)
-            nxt_B = jnp.where(s["done"], pad, sampler(logits_B1V[:, 0], keys))
+            logits_BV = jnp.where(never_V, FILTERED, logits_B1V[:, 0])
+            nxt_B = jnp.where(s["done"], pad, sampler(logits_BV, keys))
             return {"t": t + 1, "tokens": jax.lax.dynamic_update_slice_in_dim(s["tokens"], nxt_B[:, None], t + 1, 1),
                     "cache": cache, "done": s["done"] | (nxt_B == eos)}
 
@@ -356,14 +368,23 @@ def translate(graphdef, params, sources: Sequence[Sequence[int]], *, max_new_tok
     beam search with `beam_size` > 1 (GNMT length penalty). The encoder and each layer's cross-attention K/V run
     once per source; the decoder uses a KV cache. Returns the target tokens of each row, cut before EOS.
 
-    A target stops at `max_new_tokens`, or `target_margin` tokens past the batch's source length rounded up to 16,
+    A source may hold at most the model's `max_len` tokens (a ValueError otherwise: cut longer ones, as
+    `evaluate.translate_texts` does). A target stops at `max_new_tokens`, at `max_len` tokens with learned positions
+    (the end of the position table), or `target_margin` tokens past the batch's source length rounded up to 16,
     whichever comes first (None: no margin). A translation is rarely much longer than its source (in Multi30k's
     training pairs the target never runs more than 14 tokens past the source), and the cap keeps a model that has
     not learnt to stop yet, and the cache every step attends over, from running to the whole context."""
     if not sources or any(len(s) == 0 for s in sources):
         raise ValueError("every source needs at least one token")
+    cfg = nnx.merge(graphdef, params).cfg
     S = max(len(s) for s in sources)
-    S = -(-S // 16) * 16  # nearby lengths share one compiled program
+    if S > cfg.max_len:
+        raise ValueError(f"a source of {S} tokens is longer than the model's context of {cfg.max_len}; cut it")
+    # Nearby lengths share one compiled program; padding never runs past the context (a learned position table has
+    # no row there, and its out-of-range lookup would fill the padding with NaN).
+    S = min(-(-S // 16) * 16, cfg.max_len)
+    if cfg.positions == "learned":
+        max_new_tokens = min(max_new_tokens, cfg.max_len)
     if target_margin is not None:
         max_new_tokens = min(max_new_tokens, S + target_margin)
     src = np.full((len(sources), S), pad, np.int32)
@@ -381,43 +402,3 @@ def translate(graphdef, params, sources: Sequence[Sequence[int]], *, max_new_tok
     for row in out.tolist():
         rows.append(row[:row.index(eos)] if eos in row else row)
     return rows
-
-
-def beam_search(step_fn, state, *, batch: int, beam: int, max_new: int, bos: int, eos: int, pad: int,
-                length_penalty: float = 0.6):
-    """Batched beam search over a pure `step_fn(tokens_R, t, state) -> (logprobs_RV, state)` where R = batch * beam
-    rows (row b * beam + k is beam k of item b) and every leaf of `state` has R leading rows (it is reordered with
-    the beams: the KV cache). Hypotheses are ranked by log p / ((5 + length) / 6) ** length_penalty (GNMT) at the
-    end; finished beams keep their score and stay finished. Returns (tokens_BKN, scores_BK) sorted best first."""
-    B, K, N = batch, beam, max_new
-    rows = jnp.arange(B)[:, None] * K
-
-    def body(s):
-        t, tokens_BKN, logp_BK, done_BK = s["t"], s["tokens"], s["logp"], s["done"]
-        prev_R = jnp.where(t == 0, bos, jax.lax.dynamic_index_in_dim(tokens_BKN, jnp.maximum(t - 1, 0), 2,
-                                                                    keepdims=False)).reshape(-1)
-        logits_RV, inner = step_fn(prev_R, t, s["inner"])
-        V = logits_RV.shape[-1]
-        step_BKV = jax.nn.log_softmax(logits_RV.astype(jnp.float32), axis=-1).reshape(B, K, V)
-        # A finished beam continues only with padding, at no cost: its score stays what it was.
-        only_pad = jnp.full((V,), -jnp.inf).at[pad].set(0.0)
-        step_BKV = jnp.where(done_BK[..., None], only_pad, step_BKV)
-        cand_BKV = logp_BK[..., None] + step_BKV
-        logp_BK, flat_BK = jax.lax.top_k(cand_BKV.reshape(B, K * V), K)
-        parent_BK, token_BK = flat_BK // V, (flat_BK % V).astype(jnp.int32)
-        tokens_BKN = jnp.take_along_axis(tokens_BKN, parent_BK[..., None], axis=1)
-        tokens_BKN = jax.lax.dynamic_update_index_in_dim(tokens_BKN, token_BK, t, 2)
-        done_prev = jnp.take_along_axis(done_BK, parent_BK, axis=1)
-        length_BK = jnp.where(done_prev, jnp.take_along_axis(s["length"], parent_BK, axis=1), t + 1)
-        src_R = (rows + parent_BK).reshape(-1)
-        inner = jax.tree.map(lambda a: a[src_R], inner)
-        return {"t": t + 1, "tokens": tokens_BKN, "logp": logp_BK, "done": done_prev | (token_BK == eos),
-                "length": length_BK, "inner": inner}
-
-    start = {"t": jnp.zeros((), jnp.int32), "tokens": jnp.full((B, K, N), pad, jnp.int32),
-             "logp": jnp.tile(jnp.array([0.0] + [-jnp.inf] * (K - 1)), (B, 1)),  # step 0 expands beam 0 only
-             "done": jnp.zeros((B, K), bool), "length": jnp.zeros((B, K), jnp.int32), "inner": state}
-    out = jax.lax.while_loop(lambda s: (s["t"] < N) & ~jnp.all(s["done"]), body, start)
-    score_BK = out["logp"] / ((5.0 + out["length"]) / 6.0) ** length_penalty
-    order_BK = jnp.argsort(-score_BK, axis=1)
-    return jnp.take_along_axis(out["tokens"], order_BK[..., None], axis=1), jnp.take_along_axis(score_BK, order_BK, 1)

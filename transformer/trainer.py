@@ -27,7 +27,7 @@ from transformer.models import build_model
 from transformer.pipelines import ClassifyPipeline, LMPipeline, MLMPipeline, Seq2SeqPipeline, translation_ids
 from transformer.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from transformer.training import (flops_per_token, inference_params, init_state, lr_schedule, make_optimizer,
-                                  make_steps, peak_tflops, task_of)
+                                  make_steps, means, peak_tflops, task_of)
 
 METRICS_FILE = "metrics.jsonl"
 TOKENS_DIR = "tokens"
@@ -207,14 +207,14 @@ def build_state(cfg: Config, mesh):
 
 
 def evaluate(eval_step, params, batches: list[dict], batch_sharding) -> dict:
-    """Mean loss (and accuracy) over the fixed validation batches; each process puts only the rows its devices
-    hold."""
+    """Per-token (or per-example) mean loss and accuracy over all the validation batches together: sums over the
+    set divided once, so a short batch counts by its tokens. Each process puts only the rows its devices hold."""
     rows = len(batches[0]["inputs"])
     lo, hi = sharding.local_rows(batch_sharding, (rows,), axis=0)
-    metrics = [eval_step(params, {k: sharding.put_batch(a[lo:hi], batch_sharding, a.shape) for k, a in b.items()})
-               for b in batches]
-    metrics = jax.device_get(metrics)
-    return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    sums = [eval_step(params, {k: sharding.put_batch(a[lo:hi], batch_sharding, a.shape) for k, a in b.items()})
+            for b in batches]
+    total = jax.tree.map(lambda *x: np.sum(x, dtype=np.float64), *jax.device_get(sums))
+    return {k: float(v) for k, v in means(total).items()}
 
 
 def checkpoint_meta(cfg: Config, pipeline, tok: Tokenizer, labels=None) -> dict:
@@ -334,12 +334,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     peak = peak_tflops(cfg) * 1e12 * chips
     last_good = latest
     result = {"step": start}
-    pending, t_last, tokens = [], time.perf_counter(), 0  # tokens: padded positions trained on since t_last
+    pending, t_last, tokens = [], time.perf_counter(), 0  # tokens: real (non-pad) tokens trained on since t_last
 
     def check_finite(step):
-        nonlocal pending
-        losses = [float(m["loss"]) for m in jax.device_get(pending)]
+        nonlocal pending, tokens
+        fetched = jax.device_get(pending)
         pending = []
+        losses = [float(m["loss"]) for m in fetched]
+        tokens += sum(int(m["tokens"]) for m in fetched)
         if not all(map(math.isfinite, losses)):
             where = f"the last good checkpoint (step {last_good}) is intact" if last_good is not None else \
                 "no checkpoint was written"
@@ -359,7 +361,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 b, lo, hi = micro_rows["last"]
                 batch = {k: sharding.put_batch(a.reshape(A, hi - lo, *a.shape[1:]), batch_A, (A, b, *a.shape[1:]))
                          for k, a in local.items()}
-                tokens += A * b * local["inputs"].shape[1]
                 state, metrics = train_step(state, batch)
                 pending.append(metrics)
                 final = step == cfg.train.steps
@@ -384,7 +385,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                               "time": time.time()}
                     message = f"val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}"
-                    if "accuracy" in val:
+                    if task_of(cfg) != "lm":
                         record["val_accuracy"] = val["accuracy"]
                         message += f", accuracy {val['accuracy']:.2%}"
                     if task_of(cfg) == "seq2seq" and cfg.train.bleu_sentences >= 0 and jax.process_count() == 1:

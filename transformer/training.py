@@ -30,25 +30,36 @@ def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
     raise ValueError(o.schedule)
 
 
+def decays(params):
+    """The weight-decay mask: True for what a parameter is a matrix of (projections, embedding and position tables),
+    False for biases and norm scales, whatever their rank (the fused q/k/v bias is (3, N, H)). Each weight says which
+    it is where it is created (`layers.param(..., decay=...)`)."""
+    return jax.tree.map(lambda v: v.replace(bool(v.get_metadata().get("decay", True))), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     # Decay matrices only (not norms, biases): the usual AdamW recipe (nanoGPT, GPT-2, BERT).
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        mask=decay_mask)
+                        mask=decays)
     # Same chain structure with or without clipping, so a run can be resumed with clipping switched.
     clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
     return optax.chain(clip, adamw)
 
 
-def cross_entropy(logits_BTV, labels_BT, weights_BT=None, label_smoothing: float = 0.0):
-    """Mean token cross-entropy in float32; `weights_BT` (0/1) drops padding or unselected positions. With label
-    smoothing the target puts 1 - s on the label and s spread evenly over the vocabulary."""
+def token_losses(logits_BTV, labels_BT, label_smoothing: float = 0.0):
+    """Cross-entropy of every position in float32. With label smoothing the target puts 1 - s on the label and s
+    spread evenly over the vocabulary."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     if label_smoothing:
         targets_BTV = optax.smooth_labels(jax.nn.one_hot(labels_BT, logits_BTV.shape[-1]), label_smoothing)
-        losses_BT = optax.softmax_cross_entropy(logits_BTV, targets_BTV)
-    else:
-        losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, labels_BT)
+        return optax.softmax_cross_entropy(logits_BTV, targets_BTV)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, labels_BT)
+
+
+def cross_entropy(logits_BTV, labels_BT, weights_BT=None, label_smoothing: float = 0.0):
+    """Mean token cross-entropy in float32; `weights_BT` (0/1) drops padding or unselected positions."""
+    losses_BT = token_losses(logits_BTV, labels_BT, label_smoothing)
     if weights_BT is None:
         return losses_BT.mean()
     return (losses_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
@@ -86,70 +97,100 @@ def task_of(cfg: Config) -> str:
     return TASK_OF_ARCH[cfg.model.arch]
 
 
+def loss_weights(batch: dict, task: str):
+    """How much each loss term of a batch counts: target tokens (seq2seq), selected tokens (mlm), every position
+    (lm), every row (classify). Shaped like the batch's targets."""
+    if task in ("seq2seq", "mlm"):
+        return batch["weights"].astype(jnp.float32)
+    return jnp.ones(batch["targets"].shape, jnp.float32)
+
+
+def real_tokens(batch: dict, task: str):
+    """Non-padding tokens a batch trains on (tokens/s): source + target tokens for seq2seq, the real tokens of the
+    inputs otherwise."""
+    if task == "seq2seq":
+        return batch["valid"].sum() + batch["weights"].sum()
+    if "valid" in batch:
+        return batch["valid"].sum()
+    return jnp.asarray(batch["inputs"].size)
+
+
 def task_loss(model, batch: dict, key, task: str, label_smoothing: float = 0.0):
-    """(loss, metrics) of one batch. Batches are dicts: "inputs" and "targets" always; "valid" (real tokens) and
-    "weights" (positions that count) for the encoder tasks."""
+    """Sums over one batch: {"loss": weighted sum of the token (or row) losses, "correct": weighted count of argmax
+    hits, "count": the sum of the weights}. Means are taken once over every batch that shares a step (gradient
+    accumulation) or an evaluation, so a batch counts by its tokens, not as one batch among others. Batches are
+    dicts: "inputs" and "targets" always; "valid" (real tokens) and "weights" (positions that count) for the
+    encoder tasks."""
+    weights = loss_weights(batch, task)
     if task == "lm":
-        return cross_entropy(model(batch["inputs"], dropout_key=key), batch["targets"]), {}
-    if task in ("seq2seq", "mlm"):  # token losses on the weighted positions only
-        if task == "seq2seq":  # teacher forcing: decoder inputs are the targets shifted right behind BOS
-            logits_BTV = model(batch["inputs"], batch["decoder_inputs"], src_valid_BS=batch["valid"],
-                               dropout_key=key)
-        else:
-            logits_BTV = model(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
-            label_smoothing = 0.0
-        weights_BT = batch["weights"]
-        correct = (logits_BTV.argmax(-1) == batch["targets"]) * weights_BT
-        return cross_entropy(logits_BTV, batch["targets"], weights_BT, label_smoothing), {
-            "accuracy": correct.sum() / jnp.maximum(weights_BT.sum(), 1.0)}
-    logits_BC = model.classify(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
-    labels_B = batch["targets"]
-    return cross_entropy(logits_BC[:, None], labels_B[:, None]), {
-        "accuracy": (logits_BC.argmax(-1) == labels_B).mean()}
+        logits = model(batch["inputs"], dropout_key=key)
+    elif task == "seq2seq":  # teacher forcing: decoder inputs are the targets shifted right behind BOS
+        logits = model(batch["inputs"], batch["decoder_inputs"], src_valid_BS=batch["valid"], dropout_key=key)
+    elif task == "mlm":
+        logits = model(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
+    else:
+        logits = model.classify(batch["inputs"], valid_BT=batch["valid"], dropout_key=key)
+    losses = token_losses(logits, batch["targets"], label_smoothing if task == "seq2seq" else 0.0)  # translation only
+    correct = logits.argmax(-1) == batch["targets"]
+    return {"loss": (losses * weights).sum(), "correct": (correct * weights).sum(), "count": weights.sum()}
+
+
+def means(sums: dict) -> dict:
+    """{"loss", "accuracy"} from summed `task_loss` terms."""
+    count = jnp.maximum(sums["count"], 1.0)
+    return {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count}
 
 
 def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, shardings) -> tuple[Callable, Callable]:
     """Returns (train_step, eval_step), both jitted with explicit shardings; train_step donates the state.
 
-    train_step(state, batch) takes arrays shaped (A, B, ...): A gradient-accumulation micro-batches of B rows;
-    eval_step(params, batch) takes (B, ...) and returns {"loss", and "accuracy" for the encoder tasks}.
+    train_step(state, batch) takes arrays shaped (A, B, ...): A gradient-accumulation micro-batches of B rows, and
+    returns the new state and {"loss", "grad_norm", "tokens"}; eval_step(params, batch) takes (B, ...) and returns
+    the summed terms of `task_loss` ("loss", "correct", "count"), which `means` turns into per-token figures.
     """
     use_dropout = cfg.model.dropout > 0
     task = task_of(cfg)
 
-    def loss_fn(params, batch, key):
+    def sums_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
         return task_loss(model, batch, key if use_dropout else None, task, cfg.optim.label_smoothing)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def loss_fn(params, batch, key, count):
+        sums = sums_fn(params, batch, key)
+        return sums["loss"] / count, sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
 
     @sharding.activation_mesh(mesh)
     def train_step(state, batch_A):
-        # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call.
+        # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call. Every
+        # micro-batch's loss sum is divided by the weight count of the whole step, so the accumulated gradient is
+        # the gradient of the step's mean over tokens, whatever the split.
         params, step = state["params"], state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         A = batch_A["inputs"].shape[0]
+        count = jnp.maximum(loss_weights(batch_A, task).sum(), 1.0)
         if A == 1:
-            (loss, _), grads = grad_fn(params, jax.tree.map(lambda a: a[0], batch_A), key)
+            grads, sums = grad_fn(params, jax.tree.map(lambda a: a[0], batch_A), key, count)
         else:
             def micro(carry, inputs):
                 batch, i = inputs
-                (loss, _), grads = grad_fn(params, batch, jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                grads, sums = grad_fn(params, batch, jax.random.fold_in(key, i), count)
+                return jax.tree.map(jnp.add, carry, (sums["loss"], grads)), None
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(micro, zero, (batch_A, jnp.arange(A)))
-            loss, grads = jax.tree.map(lambda g: g / A, (loss, grads))
+            (loss_sum, grads), _ = jax.lax.scan(micro, zero, (batch_A, jnp.arange(A)))
+            sums = {"loss": loss_sum}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1,
                      "rng": state["rng"]}
         if "ema" in state:
             new_state["ema"] = update_ema(state["ema"], new_state["params"], step, cfg.optim.ema_decay)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new_state, {"loss": sums["loss"] / count, "grad_norm": optax.tree.norm(grads),
+                           "tokens": real_tokens(batch_A, task)}
 
     @sharding.activation_mesh(mesh)
     def eval_step(params, batch):
-        loss, metrics = loss_fn(params, batch, None)
-        return {"loss": loss, **metrics}
+        return sums_fn(params, batch, None)
 
     repl = sharding.replicated(mesh)
     keys = BATCH_KEYS[task]
