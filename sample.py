@@ -1,4 +1,6 @@
 """Generate text from a run directory written by train.py (its config, tokenizer and params are all it needs).
+The run is loaded once and its model's architecture decides what to do; an option that architecture does not use is
+refused (one line, exit code 2) rather than ignored.
 
     python sample.py --checkpoint runs/default --prompt "The with statement"
     python sample.py --checkpoint runs/shakespeare_char --prompt "ROMEO:" --num-samples 3 --top-k 40 --temperature 0.8
@@ -26,8 +28,7 @@ class _Parser(argparse.ArgumentParser):
         die(f"{message} (see --help)")
 
 
-def parse(argv):
-    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(ap, argv):
     ap.add_argument("--checkpoint", required=True, help="run directory written by train.py")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     src = ap.add_mutually_exclusive_group()
@@ -62,7 +63,39 @@ def parse(argv):
         die(f"--top-k={args.top_k} must be >= 0 (0 keeps all tokens)")
     if args.max_new_tokens < 1 or args.num_samples < 1:
         die("--max-new-tokens and --num-samples must be >= 1")
+    if args.beam < 1:
+        die(f"--beam={args.beam} must be >= 1")
     return args
+
+
+# What each architecture does with the options: one given that its run ignores is an error, not silently dropped.
+COMMON = {"checkpoint", "step"}
+APPLIES = {
+    "decoder": {"prompt", "prompt_file", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
+                "seed", "stop", "stream", "window"},
+    "encoder_decoder": {"source", "source_file", "beam", "length_penalty", "max_new_tokens", "temperature", "top_k",
+                        "top_p", "greedy", "seed"},
+    "encoder": {"fill_mask", "classify", "embed", "top_k"},
+}
+WHAT = {"decoder": "a decoder (text generation: --prompt)",
+        "encoder_decoder": "an encoder-decoder (translation: --source / --source-file)",
+        "encoder": "an encoder (--fill-mask, --classify or --embed)"}
+
+
+def check_options(ap, args, arch: str) -> None:
+    """A ConfigError naming the first option given on the command line that a run of `arch` does not use."""
+    from transformer.config import ConfigError
+
+    for action in ap._actions:
+        dest = action.dest
+        if dest in COMMON | APPLIES[arch] or dest == "help" or getattr(args, dest) == action.default:
+            continue
+        raise ConfigError(f"{action.option_strings[0]} does not apply to {args.checkpoint}, which holds "
+                          f"{WHAT[arch]}; drop it")
+    if arch == "encoder" and not (args.fill_mask or args.classify or args.embed):
+        raise ConfigError(f"{args.checkpoint} holds {WHAT[arch]}: give --fill-mask, --classify or --embed")
+    if arch == "encoder_decoder" and args.source is None and not args.source_file:
+        raise ConfigError(f"{args.checkpoint} holds {WHAT[arch]}: give --source TEXT or --source-file FILE")
 
 
 def read_prompt(args) -> str:
@@ -79,28 +112,14 @@ def read_prompt(args) -> str:
     return "\n"
 
 
-def load_for(args, arch: str, needs: str):
-    """The run at --checkpoint, which must hold a model.arch == `arch` model (ConfigError naming `needs` if not)."""
-    from transformer.config import ConfigError
-    from transformer.loading import load_run
-
-    run = load_run(args.checkpoint, args.step)
-    if run.cfg.model.arch != arch:
-        raise ConfigError(f"{args.checkpoint} holds a {run.cfg.model.arch} model; {needs}")
-    return run
-
-
-def translate_main(args) -> int:
+def translate_main(args, run) -> int:
     import jax
 
     from transformer.config import ConfigError
     from transformer.evaluate import translate_texts
     from transformer.sampling import Sampler
 
-    if args.beam < 1:
-        die(f"--beam={args.beam} must be >= 1")
     try:
-        run = load_for(args, "encoder_decoder", "--source and --source-file need an encoder-decoder")
         if args.source_file:
             try:
                 with open(args.source_file, encoding="utf-8") as f:
@@ -126,12 +145,11 @@ def translate_main(args) -> int:
     return 0
 
 
-def encoder_main(args) -> int:
+def encoder_main(args, run) -> int:
     from transformer import encode
     from transformer.config import ConfigError
 
     try:
-        run = load_for(args, "encoder", "--fill-mask, --classify and --embed need an encoder")
         if args.fill_mask:
             for i, preds in enumerate(encode.fill_mask(run, args.fill_mask, top_k=max(args.top_k, 5))):
                 print(f"[MASK] {i + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in preds))
@@ -152,25 +170,17 @@ def encoder_main(args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    args = parse(argv)
-    quiet_jax_logs()
+def decoder_main(args, run) -> int:
     import jax
 
     from transformer.config import ConfigError
     from transformer.sampling import Sampler, generate
 
-    if args.fill_mask or args.classify or args.embed:
-        return encoder_main(args)
-    if args.source is not None or args.source_file:
-        return translate_main(args)
     prompt = read_prompt(args)
+    tok = run.tokenizer
+    max_len = run.cfg.model.max_len
     try:
-        run = load_for(args, "decoder", "text generation needs a decoder; use --fill-mask, --classify or --embed "
-                       "for an encoder, --source for an encoder-decoder")
-        tok = run.tokenizer
         ids = run.encode_prompt(prompt)
-        max_len = run.cfg.model.max_len
         if not args.window and len(ids) + args.max_new_tokens > max_len:
             raise ConfigError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the "
                               f"model's context of {max_len} tokens and --no-window is set")
@@ -205,6 +215,24 @@ def main(argv) -> int:
                 print("\n---")
             print(prompt + text)
     return 0
+
+
+MODES = {"decoder": decoder_main, "encoder_decoder": translate_main, "encoder": encoder_main}
+
+
+def main(argv) -> int:
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parse(ap, argv)
+    quiet_jax_logs()
+    from transformer.config import ConfigError
+    from transformer.loading import load_run
+
+    try:  # the run is loaded once; its architecture decides what to do and which options apply
+        run = load_run(args.checkpoint, args.step)
+        check_options(ap, args, run.cfg.model.arch)
+    except ConfigError as e:
+        die(str(e))
+    return MODES[run.cfg.model.arch](args, run)
 
 
 if __name__ == "__main__":

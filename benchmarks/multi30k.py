@@ -35,7 +35,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     import jax
     import numpy as np
 
-    from transformer import distributed, sharding
+    from transformer import platform, sharding
     from transformer.checkpoint import CONFIG_FILE, Checkpointer, write_json_atomic
     from transformer.cli import parse_args
     from transformer.evaluate import bleu, translate_texts
@@ -47,7 +47,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     cfg, _ = parse_args(["--config", "multi30k_de_en", "--train.run_dir", run_dir,
                          *[f"--data.{k}={data / v}" for k, v in files.items()], *extra])
     t_prep = time.perf_counter()
-    distributed.use_cpu_devices(cfg.mesh.cpu_devices)
+    cfg = platform.resolve(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
     tok, train_pairs, val_pairs = prepare_translation(cfg, run_dir, None)
     pipeline, vocab = make_pipeline(cfg, tok, train_pairs, val_pairs, None, sharding.batch_shards(mesh))

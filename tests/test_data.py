@@ -242,6 +242,6 @@ def test_train_cli_with_a_hub_dataset_and_no_network_fails_fast_in_one_line(tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not load 'some_owner/some_dataset'"), proc.stderr
     assert "not in the local cache" in lines[0] and "Traceback" not in proc.stderr + proc.stdout
-    # 4-7 s of it is starting Python, jax and datasets on a busy 2-core machine; the libraries' own retries took
-    # ~25 s more before the error (and printed 20+ warning lines)
-    assert elapsed < 15, elapsed
+    # 4-10 s of it is starting Python, jax and datasets on a busy 2-core machine (tests run two at a time); the
+    # libraries' own retries took ~25 s more before the error (33 s in all, and 20+ warning lines)
+    assert elapsed < 20, elapsed

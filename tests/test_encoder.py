@@ -118,7 +118,8 @@ def test_classifier_fine_tuned_from_mlm(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "text.txt").write_text("\n".join(r["sentence"] for r in rows))
     tiny = ["--model.d_model=64", "--model.n_layers=2", "--model.max_len=48", "--train.batch_size=32",
-            "--train.progress=false", "--data.tokenizer=sentencepiece", "--data.vocab_size=300", "--model.dropout=0"]
+            "--train.progress=false", "--data.tokenizer=sentencepiece", "--data.vocab_size=300", "--model.dropout=0",
+            "--mesh.data=1"]
     mlm = tmp_path / "mlm"
     train(parse_args(["--config", "bert_mlm_tiny", "--data.path", str(tmp_path / "text.txt"), "--train.run_dir",
                       str(mlm), "--train.steps=40", "--train.eval_interval=40", *tiny])[0])

@@ -52,6 +52,9 @@ def test_sample_generates_from_the_run_dir_alone(trained):
     (["--prompt", "abc" * 10, "--no-window"], "exceed"),
     (["--step", "999"], "no checkpoint for step 999"),
     (["--bogus"], "unrecognized"),
+    (["--source", "abc"], "--source does not apply"),  # a decoder run: options of other architectures are refused
+    (["--beam", "2"], "--beam does not apply"),
+    (["--fill-mask", "a [MASK]"], "holds a decoder"),
 ])
 def test_bad_inputs_are_one_line_errors(trained, args, fragment):
     out = run("sample.py", "--checkpoint", trained, "--max-new-tokens", "5", *args)

@@ -88,7 +88,7 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
         "--model.max_len=16", "--model.positions=sinusoidal", "--model.scale_embeddings=true",
         "--train.batch_size=32", "--train.steps=1000", "--train.eval_interval=1000", "--train.progress=false",
         "--train.run_dir", str(run_dir), "--optim.lr=2e-3", "--optim.warmup_steps=20", "--train.sample_tokens=0",
-        "--train.bleu_sentences=100", "--data.tokenizer=sentencepiece", "--data.vocab_size=300"])[0])
+        "--train.bleu_sentences=100", "--data.tokenizer=sentencepiece", "--data.vocab_size=300", "--mesh.data=1"])[0])
     assert out["val_accuracy"] > 0.95 and out["val_bleu"] > 95.0
     run = load_run(str(run_dir))
     bos, eos, pad, _ = translation_ids(run.tokenizer)
@@ -115,6 +115,10 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
                          env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout.splitlines() == [s[::-1] for s in tests[:5]]
+    ignored = subprocess.run([sys.executable, os.path.join(repo, "sample.py"), "--checkpoint", str(run_dir),
+                              "--source", tests[0], "--num-samples", "2"], capture_output=True, text=True,
+                             env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+    assert ignored.returncode == 2 and "--num-samples does not apply" in ignored.stderr, ignored.stderr
 
 
 def test_beam_search_scores_are_the_models_and_beam_one_is_never_worse_than_greedy(model):
@@ -166,11 +170,12 @@ def test_learned_positions_never_run_past_their_table(tmp_path):
     src = list(range(3, 21))  # 18 tokens: padded to 32 before, to 20 now
     out = translate(gd, params, [src], max_new_tokens=40, bos=1, eos=-1, pad=0, target_margin=None)[0]
     assert len(out) == 20  # the position table's length, not 40
+    # the decoder is causal: logits at step t of a target padded to 20 are those of the target so far
+    forward = jax.jit(lambda dec: model(jnp.asarray([src]), dec, src_valid_BS=jnp.ones((1, 18), bool))[0])
     dec = [1]
-    for _ in range(20):
-        logits = model(jnp.asarray([src]), jnp.asarray([dec]), src_valid_BS=jnp.ones((1, 18), bool))[0, -1]
-        logits = logits.at[jnp.array([0, 1])].set(-jnp.inf)  # a target never holds PAD or BOS
-        dec.append(int(jnp.argmax(logits)))
+    for t in range(20):
+        logits = forward(jnp.asarray([dec + [0] * (20 - len(dec))]))[t]
+        dec.append(int(jnp.argmax(logits.at[jnp.array([0, 1])].set(-jnp.inf))))  # never PAD or BOS
     assert out == dec[1:]
     with pytest.raises(ValueError, match="longer than the model's context of 20"):
         translate(gd, params, [list(range(3, 24))], max_new_tokens=5, bos=1, eos=2, pad=0)

@@ -191,8 +191,9 @@ def test_decoding_moves_replicated_weights_onto_one_cpu_device():
 
 
 def test_mesh_errors_are_config_errors():
-    with pytest.raises(ConfigError, match="needs 6 devices but 8"):
-        sharding.make_mesh(MeshConfig(2, 3, 1))
+    with pytest.raises(ConfigError, match="needs 12 devices but 8"):
+        sharding.make_mesh(MeshConfig(4, 3, 1))
+    assert sharding.make_mesh(MeshConfig(2, 3, 1)).devices.size == 6  # fewer than the host has: the first six
     with pytest.raises(ConfigError, match="only one of"):
         sharding.make_mesh(MeshConfig(-1, -1, 1))
     with pytest.raises(ConfigError, match="cannot be split"):

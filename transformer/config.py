@@ -47,8 +47,10 @@ class ModelConfig:
     type_vocab_size: int = 0  # 0: no segment embeddings
     embed_norm: bool = False
     n_classes: int = 0  # > 0: a [CLS] classification head with this many labels
-    # Inputs of the weight matmuls (forward and backward); they accumulate in float32 either way.
-    matmul_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Inputs of the weight matmuls (forward and backward); they accumulate in float32 either way. "auto": bfloat16 on
+    # a CPU that multiplies bf16 natively (AVX512-BF16 / AMX), float32 elsewhere, decided when train.py starts
+    # (transformer/platform.py; a model built directly from an unresolved config runs float32).
+    matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Weight matrices: "gpt2" normal(0.02), residual-stream outputs scaled by 1/sqrt(2 * layers); "xavier" Glorot
     # uniform (the original Transformer), output layers and heads included. Embeddings and position tables keep
     # their own init.
@@ -134,7 +136,9 @@ class MeshConfig:
     tensor: int = 1
     # CPU only: present the host as this many XLA devices (0: JAX's default, one). XLA:CPU spreads a small model's
     # ops over the cores poorly; one device per core running its share of the batch (mesh.data) uses them better.
-    cpu_devices: int = 0
+    # -1 ("auto"): 2 on a CPU-only host with native bf16 (AVX512-BF16 / AMX) and at least 2 cores when
+    # train.batch_size is even, else one (transformer/platform.py says what was measured).
+    cpu_devices: int = -1
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,9 @@ class Config:
         if t.batch_tokens < 0 or (t.batch_tokens and (t.task or TASK_OF_ARCH[m.arch]) != "seq2seq"):
             raise ConfigError(f"train.batch_tokens={t.batch_tokens}: token-sized batches are for translation "
                               "(model.arch=encoder_decoder); use train.batch_size, or 0 to switch them off")
-        if self.mesh.cpu_devices < 0:
-            raise ConfigError(f"mesh.cpu_devices={self.mesh.cpu_devices} must be >= 0 (0: JAX's default of one)")
+        if self.mesh.cpu_devices < -1:
+            raise ConfigError(f"mesh.cpu_devices={self.mesh.cpu_devices} must be >= -1 (-1: automatic, 0: JAX's "
+                              "default of one)")
         if not 0.0 <= o.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0: no weight average)")
         if not 0.0 <= o.label_smoothing < 1.0:

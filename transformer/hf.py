@@ -87,7 +87,7 @@ def model_config(hf: dict, n_classes: int = 0) -> ModelConfig:
             norm="layernorm", norm_position="post", norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
             activation=ACTIVATION[act], use_bias=True, dropout=float(hf.get("hidden_dropout_prob", 0.0)),
             tie_embeddings=True, type_vocab_size=int(hf.get("type_vocab_size", 2)), embed_norm=True,
-            n_classes=n_classes)
+            n_classes=n_classes, matmul_dtype="float32")  # the checkpoint's own precision
     except KeyError as e:
         raise ConfigError(f"unsupported {kind} config: {e.args[0]} is missing") from None
     except (TypeError, ValueError) as e:

@@ -104,9 +104,11 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         if len(devices) % fixed:
             raise ConfigError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of size {fixed}")
         sizes[free[0]] = len(devices) // fixed
-    if math.prod(sizes.values()) != len(devices):
-        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are present; "
+    need = math.prod(sizes.values())
+    if need > len(devices) or (need < len(devices) and (free or jax.process_count() > 1)):
+        raise ConfigError(f"mesh {sizes} needs {need} devices but {len(devices)} are present; "
                           "set one axis to -1 to use the rest")
+    devices = devices[:need]  # one process may run on fewer devices than it has (e.g. --mesh.data=1)
     shape = tuple(sizes[a] for a in MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from transformer import distributed, sharding
+from transformer import platform, sharding
 from transformer.checkpoint import CONFIG_FILE, Checkpointer, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError
 from transformer.data import label_names, load_examples, load_pairs, load_texts, split_text
@@ -118,7 +118,8 @@ def check_run_dir(cfg: Config, run_dir: str) -> None:
         ours = dataclasses.asdict(getattr(cfg, section))
         theirs = dict(saved.get(section, {}))
         if section == "model":
-            for derived in ("vocab_size", "n_classes"):  # from the tokenizer and the labels
+            # from the tokenizer and the labels; and how this machine multiplies, which changes no parameter
+            for derived in ("vocab_size", "n_classes", "matmul_dtype"):
                 ours.pop(derived), theirs.pop(derived, None)
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
@@ -249,7 +250,7 @@ def make_pipeline(cfg: Config, tok: Tokenizer, train_data, val_data, labels=None
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
     """Train (or continue) the run in `cfg.train.run_dir`. Returns the final metrics."""
-    distributed.use_cpu_devices(cfg.mesh.cpu_devices)  # before the first device query below
+    cfg = platform.resolve(cfg)  # the "auto" fields; splits a CPU host before the first device query below
     run_dir = run_dir_of(cfg)
     is_main = jax.process_index() == 0
     check_run_dir(cfg, run_dir)
@@ -314,7 +315,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     progress = Progress(cfg, run_dir, start, is_main)
     unit = "tokens" if task_of(cfg) in ("lm", "mlm") else "examples"
     progress.write(f"{cfg.preset}: {n_params:,} parameters, vocab {cfg.model.vocab_size}, {len(train_data):,} train / "
-                   f"{len(val_data):,} val {unit}, {jax.device_count()} {jax.devices()[0].platform} device(s) "
+                   f"{len(val_data):,} val {unit}, {mesh.size} {jax.devices()[0].platform} device(s) "
                    f"mesh {dict(mesh.shape)}, run dir {run_dir}"
                    + (f", resuming at step {start}" if latest is not None else ""))
     batch_A = sharding.batch_sharding(mesh, lead_axes=1)
@@ -330,7 +331,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
     flops_tok = flops_per_token(cfg, n_params)
     # The CPU peak is a whole host's, however many devices (mesh.cpu_devices) the host is split into.
-    chips = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
+    chips = jax.process_count() if jax.devices()[0].platform == "cpu" else mesh.size
     peak = peak_tflops(cfg) * 1e12 * chips
     last_good = latest
     result = {"step": start}
