@@ -46,11 +46,23 @@ def losses(run_dir):
                                                                       if "val_loss" in r}
 
 
-def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
-    full, half = tmp_path / "full", tmp_path / "half"
-    train(parse_args(tiny_args(corpus, full, 8))[0])
-    train(parse_args(tiny_args(corpus, half, 4, "--optim.decay_steps=8"))[0])
-    out = train(parse_args(tiny_args(corpus, half, 8))[0], resume=True)  # a new process would do the same
+@pytest.fixture(scope="module")
+def resumed_pair(tmp_path_factory):
+    """An 8-step run, and the same run stopped after 4 steps and resumed to 8 (as a new process would), both keeping
+    a moving average of the weights."""
+    tmp = tmp_path_factory.mktemp("resume")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(TEXT)
+    ema = "--optim.ema_decay=0.9"
+    full, half = tmp / "full", tmp / "half"
+    train(parse_args(tiny_args(str(corpus), full, 8, ema))[0])
+    train(parse_args(tiny_args(str(corpus), half, 4, ema, "--optim.decay_steps=8"))[0])
+    out = train(parse_args(tiny_args(str(corpus), half, 8, ema))[0], resume=True)
+    return full, half, out
+
+
+def test_resumed_run_equals_uninterrupted_run(resumed_pair):
+    full, half, out = resumed_pair
     (full_loss, full_val), (half_loss, half_val) = losses(full), losses(half)
     assert sorted(full_loss) == sorted(half_loss) == list(range(1, 9))
     assert [full_loss[s] for s in range(1, 9)] == [half_loss[s] for s in range(1, 9)]  # exact on CPU
@@ -58,31 +70,29 @@ def test_resumed_run_equals_uninterrupted_run(corpus, tmp_path):
     assert full_loss[1] != full_loss[8]
 
 
-def test_weight_average_resumes_exactly_and_is_what_eval_and_loading_use(corpus, tmp_path):
+def test_weight_average_resumes_exactly_and_is_what_eval_and_loading_use(resumed_pair):
     from transformer.checkpoint import Checkpointer, abstract_like
     from transformer.loading import load_run
     from transformer.training import update_ema
-    ema = "--optim.ema_decay=0.9"
-    full, half = tmp_path / "full", tmp_path / "half"
-    train(parse_args(tiny_args(corpus, full, 6, ema))[0])
-    train(parse_args(tiny_args(corpus, half, 3, ema, "--optim.decay_steps=6"))[0])
-    train(parse_args(tiny_args(corpus, half, 6, ema))[0], resume=True)
-    assert losses(full) == losses(half)  # train and val losses, steps 1-6, exactly
+    full, half, _ = resumed_pair
+    (full_loss, full_val), (half_loss, half_val) = losses(full), losses(half)
+    assert full_loss == half_loss and full_val == {s: half_val[s] for s in full_val}  # exactly (val: the average's)
     run = load_run(str(full))
     ckpt = Checkpointer(str(full), read_only=True)
     shardings = jax.tree.map(lambda a: a.sharding, run.params)
-    raw = ckpt.restore_params(6, abstract_like(run.params, shardings), "params")
-    average = ckpt.restore_params(6, abstract_like(run.params, shardings), "ema")
+    raw = ckpt.restore_params(8, abstract_like(run.params, shardings), "params")
+    average = ckpt.restore_params(8, abstract_like(run.params, shardings), "ema")
     ckpt.close()
     leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]  # noqa: E731
     for a, b in zip(leaves(run.params), leaves(average)):
         np.testing.assert_array_equal(a, b)  # inference loads the average ...
     assert any(not np.allclose(a, b) for a, b in zip(leaves(raw), leaves(average)))  # ... not the last weights
-    # the val loss logged at step 6 is the average's
+    # the val loss logged at step 8 is the average's
     from transformer.data import eval_batches
     val = eval_batches(np.load(full / "tokens" / "val.npy"), 16, 8, 2)
-    val_loss = lambda p: np.mean([cross_entropy(nnx.merge(run.graphdef, p)(x), y) for x, y in val])  # noqa: E731
-    logged = losses(full)[1][6]
+    forward = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x))
+    val_loss = lambda p: np.mean([cross_entropy(forward(p, x), y) for x, y in val])  # noqa: E731
+    logged = losses(full)[1][8]
     np.testing.assert_allclose(val_loss(average), logged, rtol=1e-5)
     assert abs(val_loss(raw) - logged) > 1e-4
     # the update rule: d = min(decay, (1 + step) / (10 + step))
