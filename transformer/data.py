@@ -179,6 +179,16 @@ def take_across_epochs(order_of, epoch: int, index: int, n: int, convert=None) -
     return np.concatenate(out), epoch, index
 
 
+def checked_position(state: dict, epoch_length, what: str) -> tuple[int, int]:
+    """(epoch, index) of a saved iterator state, if it lies inside this data's epochs (`epoch_length(e)` items in
+    epoch e); a ConfigError if not."""
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index < epoch_length(epoch):
+        raise ConfigError(f"data iterator state {state} does not fit these {what}; were the data, the batch size or "
+                          "model.max_len changed since the checkpoint?")
+    return epoch, index
+
+
 class BlockIterator:
     """Endless batches of (x_BT, y_BT) blocks of a token stream, y being x shifted by one token.
 
@@ -227,11 +237,7 @@ class BlockIterator:
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, state: dict) -> "BlockIterator":
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index < self.blocks_in_epoch(epoch):
-            raise ConfigError(f"data iterator state {state} does not fit this dataset; was the data or "
-                              "model.max_len changed since the checkpoint?")
-        self.epoch, self.index = epoch, index
+        self.epoch, self.index = checked_position(state, self.blocks_in_epoch, "token blocks")
         return self
 
 

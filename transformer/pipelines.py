@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from transformer.config import ConfigError
-from transformer.data import BlockIterator, eval_batches, take_across_epochs
+from transformer.data import BlockIterator, checked_position, eval_batches, take_across_epochs
 from transformer.mlm import Specials, frame, mask_tokens
 
 
@@ -105,7 +105,7 @@ class ClassifyPipeline:
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = _checked_position(state, lambda e: len(self._order(e)), "classification examples")
+        self.epoch, self.index = checked_position(state, lambda e: len(self._order(e)), "classification examples")
 
 
 def bucket_lengths(max_len: int) -> list[int]:
@@ -208,16 +208,7 @@ class Seq2SeqPipeline:
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = _checked_position(state, lambda e: len(self._plan(e)), "translation batches")
-
-
-def _checked_position(state: dict, epoch_length, what: str) -> tuple[int, int]:
-    """(epoch, index) of a saved iterator state, if it lies inside this data's epochs; a ConfigError if not."""
-    epoch, index = int(state["epoch"]), int(state["index"])
-    if epoch < 0 or not 0 <= index < epoch_length(epoch):
-        raise ConfigError(f"data iterator state {state} does not fit these {what}; were the data, the batch size or "
-                          "model.max_len changed since the checkpoint?")
-    return epoch, index
+        self.epoch, self.index = checked_position(state, lambda e: len(self._plan(e)), "translation batches")
 
 
 def translation_ids(tok) -> tuple[int, int, int, int]:
