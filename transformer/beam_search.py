@@ -23,6 +23,12 @@ import jax
 import jax.numpy as jnp
 
 
+def never_emitted(V: int, *, pad: int, bos: int, eos: int):
+    """(V,) True at PAD and BOS, which a decoded target never holds (unless a vocabulary makes one of them EOS)."""
+    vocab_V = jnp.arange(V)
+    return ((vocab_V == pad) | (vocab_V == bos)) & (vocab_V != eos)
+
+
 def _penalty(length, alpha: float):
     return ((5.0 + length) / 6.0) ** alpha
 
@@ -41,8 +47,7 @@ def beam_search(step_fn, state, *, batch: int, beam: int, max_new: int, bos: int
         last_BK = jax.lax.dynamic_index_in_dim(alive_tokens_BKN, jnp.maximum(t - 1, 0), 2, keepdims=False)
         logits_RV, inner = step_fn(jnp.where(t == 0, bos, last_BK).reshape(-1), t, s["inner"])
         V = logits_RV.shape[-1]
-        vocab_V = jnp.arange(V)
-        never_V = ((vocab_V == pad) | (vocab_V == bos)) & (vocab_V != eos)  # some vocabularies share ids
+        never_V = never_emitted(V, pad=pad, bos=bos, eos=eos)
         # Masked after the softmax, not before: a score stays the model's own log-probability of its tokens.
         logp_RV = jnp.where(never_V, -jnp.inf, jax.nn.log_softmax(logits_RV.astype(jnp.float32), axis=-1))
         logp_BKV = logp_RV.reshape(B, K, V)

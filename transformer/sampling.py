@@ -20,7 +20,7 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.attention import causal_mask, padding_mask
-from transformer.beam_search import beam_search
+from transformer.beam_search import beam_search, never_emitted
 
 FILTERED = -jnp.inf  # a filtered token gets probability exactly 0
 NOT_GENERATED = -2  # fills the window of recent tokens before generation: matches no token and no stop padding
@@ -338,8 +338,7 @@ def _compiled_translate(graphdef, sampler: Sampler, max_new: int, bos: int, eos:
         model = nnx.merge(graphdef, params)
         B = src_BS.shape[0]
         kvs = model.cross_kvs(model.encode(src_BS, valid_BS))  # the source is encoded once, its K/V kept
-        vocab_V = jnp.arange(model.cfg.vocab_size)
-        never_V = ((vocab_V == pad) | (vocab_V == bos)) & (vocab_V != eos)  # a target never holds PAD or BOS
+        never_V = never_emitted(model.cfg.vocab_size, pad=pad, bos=bos, eos=eos)
         state = {"t": jnp.zeros((), jnp.int32), "tokens": jnp.full((B, N + 1), pad, jnp.int32).at[:, 0].set(bos),
                  "cache": model.init_cache(B, N), "done": jnp.zeros((B,), bool)}
 
