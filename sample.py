@@ -116,8 +116,8 @@ def translate_main(args, run) -> int:
     import jax
 
     from transformer.config import ConfigError
-    from transformer.evaluate import translate_texts
-    from transformer.sampling import Sampler
+    from transformer.infer.evaluate import translate_texts
+    from transformer.infer.sampling import Sampler
 
     try:
         if args.source_file:
@@ -146,8 +146,8 @@ def translate_main(args, run) -> int:
 
 
 def encoder_main(args, run) -> int:
-    from transformer import encode
     from transformer.config import ConfigError
+    from transformer.infer import encode
 
     try:
         if args.fill_mask:
@@ -174,7 +174,7 @@ def decoder_main(args, run) -> int:
     import jax
 
     from transformer.config import ConfigError
-    from transformer.sampling import Sampler, generate
+    from transformer.infer.sampling import Sampler, generate
 
     prompt = read_prompt(args)
     tok = run.tokenizer
@@ -225,7 +225,7 @@ def main(argv) -> int:
     args = parse(ap, argv)
     quiet_jax_logs()
     from transformer.config import ConfigError
-    from transformer.loading import load_run
+    from transformer.infer.loading import load_run
 
     try:  # the run is loaded once; its architecture decides what to do and which options apply
         run = load_run(args.checkpoint, args.step)

@@ -17,7 +17,7 @@ import jax  # noqa: E402
 
 from transformer import distributed  # noqa: E402
 from transformer.config import ConfigError  # noqa: E402
-from transformer.trainer import TrainingDiverged, run_dir_of, train  # noqa: E402
+from transformer.train import TrainingDiverged, run_dir_of, train  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
 
 def print_sample(run_dir: str, n_tokens: int, seed: int) -> None:
     """A short sample from the checkpoint just written: the run dir alone is enough to generate."""
-    from transformer.loading import load_run
-    from transformer.sampling import Sampler, generate
+    from transformer.infer.loading import load_run
+    from transformer.infer.sampling import Sampler, generate
     run = load_run(run_dir)
     tok = run.tokenizer
     out = generate(run.graphdef, run.params, [run.encode_prompt("\n")], max_new_tokens=n_tokens, max_len=run.cfg.model.max_len,

@@ -9,7 +9,7 @@ out, as in the PyTorch peer (../shared/peers/torch_multi30k.py); data preparatio
 evaluation prints how long it took, and the translations of two fixed sentences. With --peer-python the peer runs
 right after on the same machine (machines differ up to 3x in speed, so only a same-machine comparison counts) and
 both BLEU columns are printed side by side; --peer-log reads a log of an earlier peer run instead. With --run-dir the
-final model is saved there as a run that `sample.py` and `python -m transformer.evaluate` load. Extra arguments are
+final model is saved there as a run that `sample.py` and `python -m transformer.infer.evaluate` load. Extra arguments are
 config overrides. Runs for over an hour by default: run it in the background, never in the test suite.
 """
 import argparse
@@ -38,9 +38,10 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     from transformer import platform, sharding
     from transformer.checkpoint import CONFIG_FILE, Checkpointer, write_json_atomic
     from transformer.cli import parse_args
-    from transformer.evaluate import bleu, translate_texts
-    from transformer.trainer import build_state, checkpoint_meta, make_pipeline, prepare_translation
-    from transformer.training import inference_params, make_steps
+    from transformer.infer.evaluate import bleu, translate_texts
+    from transformer.tasks import TASKS
+    from transformer.train.setup import build_state, checkpoint_meta
+    from transformer.train.step import inference_params, make_steps
 
     files = {"source_file": "train.de", "target_file": "train.en", "val_source_file": "val.de",
              "val_target_file": "val.en"}
@@ -49,8 +50,10 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     t_prep = time.perf_counter()
     cfg = platform.resolve(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    tok, train_pairs, val_pairs = prepare_translation(cfg, run_dir, None)
-    pipeline, vocab = make_pipeline(cfg, tok, train_pairs, val_pairs, None, sharding.batch_shards(mesh))
+    task = TASKS["seq2seq"]
+    prepared = task.prepare(cfg, run_dir)
+    tok, val_pairs = prepared.tokenizer, prepared.val
+    pipeline, vocab = task.pipeline(cfg, prepared, sharding.batch_shards(mesh))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)).validate()
     graphdef, tx, _, shardings, create = build_state(cfg, mesh)
     train_step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)

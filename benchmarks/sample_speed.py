@@ -1,4 +1,4 @@
-"""Generation speed of transformer.sampling.generate() on the shakespeare_char shape with a 1024-token context.
+"""Generation speed of transformer.infer.sampling.generate() on the shakespeare_char shape with a 1024-token context.
 
     python benchmarks/sample_speed.py [--peer-python /path/to/python-with-torch-and-transformers]
 
@@ -29,8 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from transformer.config import ModelConfig  # noqa: E402
+from transformer.infer.sampling import Sampler, generate  # noqa: E402
 from transformer.model import DecoderLM  # noqa: E402
-from transformer.sampling import Sampler, generate  # noqa: E402
 
 CFG = ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, max_len=1024)
 NEW = 500

@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from transformer import sharding  # noqa: E402
 from transformer.cli import parse_args  # noqa: E402
 from transformer.config import MeshConfig  # noqa: E402
-from transformer.trainer import build_state  # noqa: E402
-from transformer.training import make_steps  # noqa: E402
+from transformer.train import build_state  # noqa: E402
+from transformer.train.step import make_steps  # noqa: E402
 
 MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2 x fsdp=4": (2, 4, 1), "fsdp=4 x tensor=2": (1, 4, 2),
           "tensor=8": (1, 1, 8)}

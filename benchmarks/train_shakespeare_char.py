@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 def run_ours(steps: int, data: str, extra: list[str]) -> dict:
     from transformer.cli import parse_args
-    from transformer.trainer import METRICS_FILE, train
+    from transformer.train import METRICS_FILE, train
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, _ = parse_args(["--config", "shakespeare_char", "--data.path", data, "--train.run_dir", run_dir,
                              "--train.steps", str(steps), "--train.log_interval=10", "--train.progress=false",
@@ -44,10 +44,10 @@ def whole_val_loss(run_dir: str) -> float:
     import numpy as np
     from flax import nnx
 
-    from transformer.data import eval_batches
-    from transformer.loading import load_run
-    from transformer.trainer import TOKENS_DIR
-    from transformer.training import cross_entropy
+    from transformer.data.blocks import eval_batches
+    from transformer.data.prepare import TOKENS_DIR
+    from transformer.infer.loading import load_run
+    from transformer.tasks.losses import cross_entropy
     run = load_run(run_dir)
     val = np.load(os.path.join(run_dir, TOKENS_DIR, "val.npy"))
     T, B = run.cfg.model.max_len, run.cfg.train.batch_size

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.attention import attend, causal_mask, padding_mask
+from transformer.model.attention import attend, causal_mask, padding_mask
 
 
 def naive(q, k, v, mask):

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer.beam_search import beam_search
+from transformer.infer.beam_search import beam_search
 
 PAD, BOS, EOS, A, B, C, D = range(7)
 

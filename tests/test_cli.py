@@ -89,7 +89,7 @@ def test_every_preset_validates_and_builds():
 
     from flax import nnx
 
-    from transformer.models import build_model
+    from transformer.model import build_model
     names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
     assert {"shakespeare_char", "gpt2_small", "bert_mlm_tiny", "classify_tiny", "multi30k_de_en",
             "transformer_base"} <= set(names)

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from transformer import data
 from transformer.config import ConfigError, DataConfig
-from transformer.data import BlockIterator, eval_batches, load_texts, split_text
+from transformer.data import hub, sources
+from transformer.data.blocks import BlockIterator, eval_batches
+from transformer.data.sources import load_texts, split_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, B = 7, 5
@@ -105,7 +106,7 @@ def test_default_corpus():
     train, val = load_texts(DataConfig())
     assert val is None
     assert sum(map(len, train)) > 400_000 and len(train) > 50
-    assert train == data.default_corpus()  # same order every time
+    assert train == sources.default_corpus()  # same order every time
 
 
 def test_txt_file_is_read_exactly(tmp_path):
@@ -153,7 +154,7 @@ def test_hub_failure_is_one_line_config_error(monkeypatch):
         raise ConnectionError("Couldn't reach the Hub\nsecond line")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda endpoint: True)
     with pytest.raises(ConfigError, match="roneneldan/TinyStories") as e:
         load_texts(DataConfig(path="roneneldan/TinyStories"))
     assert "\n" not in str(e.value)
@@ -172,11 +173,11 @@ def test_hub_reachability_check(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert data._hub_reachable(f"http://127.0.0.1:{port}")
-        assert not data._hub_reachable(f"http://127.0.0.1:{_closed_port()}")
-        assert not data._hub_reachable("https://hub.invalid")  # a name that never resolves (RFC 2606)
+        assert hub.hub_reachable(f"http://127.0.0.1:{port}")
+        assert not hub.hub_reachable(f"http://127.0.0.1:{_closed_port()}")
+        assert not hub.hub_reachable("https://hub.invalid")  # a name that never resolves (RFC 2606)
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")  # the libraries would go through the proxy
-        assert data._hub_reachable("https://hub.invalid")
+        assert hub.hub_reachable("https://hub.invalid")
 
     def hang(*args, **kwargs):  # a dead resolver or a dropped SYN
         time.sleep(1)
@@ -185,7 +186,7 @@ def test_hub_reachability_check(monkeypatch):
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.setattr(socket, "create_connection", hang)
     t0 = time.perf_counter()
-    assert not data._hub_reachable("https://huggingface.co", timeout=0.2)
+    assert not hub.hub_reachable("https://huggingface.co", timeout=0.2)
     assert time.perf_counter() - t0 < 1
 
 
@@ -212,9 +213,9 @@ def test_hub_dataset_without_network_comes_from_the_cache(tmp_path, monkeypatch,
     if why == "HF_HUB_OFFLINE":  # what the variable sets at import
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: pytest.fail("checked the network"))
+        monkeypatch.setattr(hub, "hub_reachable", lambda endpoint: pytest.fail("checked the network"))
     else:
-        monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: False)
+        monkeypatch.setattr(hub, "hub_reachable", lambda endpoint: False)
     connects = []
     monkeypatch.setattr(socket.socket, "connect", lambda sock, address: connects.append(address))
     capfd.readouterr()

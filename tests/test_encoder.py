@@ -9,9 +9,11 @@ import numpy as np
 from flax import nnx
 
 from transformer.config import Config, ModelConfig
-from transformer.encoder import EncoderLM
-from transformer.mlm import Specials, frame, mask_tokens
-from transformer.training import means, task_loss
+from transformer.data.specials import Specials
+from transformer.model.encoder import EncoderLM
+from transformer.tasks import TASKS
+from transformer.tasks.losses import means
+from transformer.tasks.mlm import frame, mask_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(arch="encoder", vocab_size=40, d_model=32, n_heads=4, n_layers=2, max_len=16, use_bias=True,
@@ -59,15 +61,15 @@ def test_mlm_loss_counts_only_selected_positions():
     weights[0, 3] = weights[1, 7] = 1.0
     batch = {"inputs": jnp.asarray(targets), "targets": jnp.asarray(targets), "weights": jnp.asarray(weights),
              "valid": jnp.ones((2, 12), bool)}
-    loss = means(task_loss(model, batch, None, "mlm"))["loss"]
+    loss = means(TASKS["mlm"].sums(model, batch, None))["loss"]
     logp = jax.nn.log_softmax(model(batch["inputs"], valid_BT=batch["valid"]))
     expected = -(logp[0, 3, targets[0, 3]] + logp[1, 7, targets[1, 7]]) / 2
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     other = targets.copy()
     other[0, 0] = (other[0, 0] + 1) % 36  # an unselected target: no effect
-    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")["loss"]) == 2 * float(loss)
+    assert float(TASKS["mlm"].sums(model, {**batch, "targets": jnp.asarray(other)}, None)["loss"]) == 2 * float(loss)
     other[0, 3] = (other[0, 3] + 1) % 36  # a selected one: changes the loss
-    assert float(task_loss(model, {**batch, "targets": jnp.asarray(other)}, None, "mlm")["loss"]) != 2 * float(loss)
+    assert float(TASKS["mlm"].sums(model, {**batch, "targets": jnp.asarray(other)}, None)["loss"]) != 2 * float(loss)
 
 
 def test_mlm_training_and_fill_mask(tmp_path):
@@ -106,8 +108,8 @@ def test_classifier_fine_tuned_from_mlm(tmp_path):
     import random
 
     from transformer.cli import parse_args
-    from transformer.loading import load_run
-    from transformer.trainer import train
+    from transformer.infer.loading import load_run
+    from transformer.train import train
     rng = random.Random(0)
     rows = []
     for _ in range(1500):
@@ -132,7 +134,7 @@ def test_classifier_fine_tuned_from_mlm(tmp_path):
     run = load_run(str(clf))
     assert run.labels == ["bird", "cat", "dog"] and run.cfg.model.n_classes == 3
     assert run.cfg.model.d_model == 64  # the model config came from the MLM run
-    from transformer import encode
+    from transformer.infer import encode
     probs = encode.classify(run, ["the dog sleeps near a tree", "a small bird eats"])
     assert probs.argmax(1).tolist() == [2, 0]
     cli = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(clf), "--classify",

@@ -12,10 +12,10 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from transformer.config import ConfigError
-from transformer.encoder import EncoderLM, mean_pool
-from transformer.hf import load_hf_encoder
-from transformer.loading import load_run
-from transformer.tokenizer import HFTokenizer, load_tokenizer, save_tokenizer
+from transformer.convert.hf import load_hf_encoder
+from transformer.data.tokenizer import HFTokenizer, load_tokenizer, save_tokenizer
+from transformer.infer.loading import load_run
+from transformer.model.encoder import EncoderLM, mean_pool
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

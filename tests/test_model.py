@@ -7,10 +7,10 @@ import optax
 import pytest
 from flax import nnx
 
-from transformer.cli import load_preset, apply_overrides
+from transformer.cli import apply_overrides, load_preset
 from transformer.config import Config, ModelConfig
-from transformer.model import DecoderLM, analytic_param_count, count_params
-from transformer.training import cross_entropy
+from transformer.model.decoder import DecoderLM, analytic_param_count, count_params
+from transformer.tasks.losses import cross_entropy
 
 TINY = ModelConfig(vocab_size=23, d_model=24, n_heads=3, n_layers=2, max_len=11)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from transformer.attention import causal_mask, padding_mask
 from transformer.config import ModelConfig
+from transformer.infer.sampling import Sampler, generate, top_k_filter, top_p_filter
 from transformer.model import DecoderLM
-from transformer.sampling import Sampler, generate, top_k_filter, top_p_filter
+from transformer.model.attention import causal_mask, padding_mask
 
 CFG = ModelConfig(vocab_size=23, d_model=24, n_heads=3, n_layers=2, max_len=16)
 

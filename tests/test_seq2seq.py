@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.seq2seq import EncoderDecoder
+from transformer.model.seq2seq import EncoderDecoder
 
 CFG = ModelConfig(arch="encoder_decoder", vocab_size=30, d_model=32, n_heads=4, n_layers=2, n_decoder_layers=2,
                   max_len=24, positions="sinusoidal", norm_position="post", scale_embeddings=True)
@@ -65,15 +65,15 @@ def test_cached_decoding_equals_the_full_forward(model):
 
 def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
     """train.py on two aligned files (a digit is one sentencepiece token), then greedy and beam decoding: 100% exact
-    match on held-out strings, sacreBLEU 100 from `python -m transformer.evaluate` and during training."""
+    match on held-out strings, sacreBLEU 100 from `python -m transformer.infer.evaluate` and during training."""
     import random
     import re
 
     from transformer.cli import parse_args
-    from transformer.loading import load_run
-    from transformer.pipelines import translation_ids
-    from transformer.sampling import translate
-    from transformer.trainer import train
+    from transformer.data.specials import translation_ids
+    from transformer.infer.loading import load_run
+    from transformer.infer.translate import translate
+    from transformer.train import train
     rng = random.Random(0)
 
     def digits():  # space-separated, so that sacreBLEU sees words
@@ -98,7 +98,7 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
     assert [run.tokenizer.decode(o) for o in outs] == [s[::-1] for s in tests]
     (tmp_path / "ref.txt").write_text("\n".join(s[::-1] for s in tests) + "\n")
     (tmp_path / "src100.txt").write_text("\n".join(tests) + "\n")
-    from transformer.evaluate import main as evaluate_main
+    from transformer.infer.evaluate import main as evaluate_main
     evaluate_main(["--checkpoint", str(run_dir), "--source-file", str(tmp_path / "src100.txt"), "--reference-file",
                    str(tmp_path / "ref.txt")])
     assert re.search(r"BLEU 100\.00 on 100 sentences \(beam 4", capsys.readouterr().out)
@@ -122,7 +122,7 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
 
 
 def test_beam_search_scores_are_the_models_and_beam_one_is_never_worse_than_greedy(model):
-    from transformer.sampling import _compiled_beam, translate
+    from transformer.infer.translate import _compiled_beam, translate
     sources = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     kw = dict(max_new_tokens=8, bos=1, eos=2, pad=0)
     gd, params = nnx.split(model, nnx.Param)
@@ -162,7 +162,7 @@ def test_learned_positions_never_run_past_their_table(tmp_path):
     """A source padded past max_len used to look up positions the table does not have (NaN rows that spread through
     the attention): padding stops at max_len, the target at the end of the table, and greedy decoding equals an
     argmax loop over the full forward."""
-    from transformer.sampling import translate
+    from transformer.infer.translate import translate
     cfg = ModelConfig(arch="encoder_decoder", vocab_size=30, d_model=32, n_heads=4, n_layers=1, max_len=20,
                       positions="learned")
     model = EncoderDecoder(cfg, rngs=nnx.Rngs(1))
@@ -184,7 +184,7 @@ def test_learned_positions_never_run_past_their_table(tmp_path):
 def test_targets_stop_a_margin_past_the_source_length(model):
     """A model that never emits the end token (eos=-1) runs to the cap: max_new_tokens, or target_margin tokens past
     the source length rounded up to 16, whichever is smaller."""
-    from transformer.sampling import translate
+    from transformer.infer.translate import translate
     gd, params = nnx.split(model, nnx.Param)
     kw = dict(bos=1, eos=-1, pad=0)
     for margin, beam, want in ((3, 1, 19), (3, 4, 19), (None, 1, 40)):

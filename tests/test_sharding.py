@@ -11,16 +11,17 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from transformer import sharding
 from transformer.checkpoint import Checkpointer, abstract_like
 from transformer.cli import parse_args
 from transformer.config import ConfigError, MeshConfig
-from transformer.loading import load_run
-from transformer.sampling import generate
-from transformer.trainer import METRICS_FILE, build_state, train
-from transformer.training import make_steps
+from transformer.infer.loading import load_run
+from transformer.infer.sampling import generate
+from transformer.train import METRICS_FILE, build_state, train
+from transformer.train.step import make_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))

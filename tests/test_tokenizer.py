@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from transformer.config import ConfigError, DataConfig
-from transformer.tokenizer import (CharTokenizer, SentencePieceTokenizer, build_tokenizer, load_tokenizer,
-                                   save_tokenizer, tokenizer_from_json)
+from transformer.data.tokenizer import (
+    CharTokenizer,
+    SentencePieceTokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_from_json,
+)
 
 TEXT = ("The quick brown fox jumps over the lazy dog.\n"
         "  Indented line with  two spaces, a tab\tand trailing space \n"

@@ -17,8 +17,11 @@ from transformer import sharding
 from transformer.cli import parse_args
 from transformer.config import Config, MeshConfig, ModelConfig, OptimConfig
 from transformer.model import DecoderLM
-from transformer.trainer import METRICS_FILE, TrainingDiverged, build_state, evaluate, train
-from transformer.training import cross_entropy, lr_schedule, make_optimizer, make_steps
+from transformer.tasks.losses import cross_entropy
+from transformer.train import METRICS_FILE, TrainingDiverged, build_state, train
+from transformer.train.evaluation import evaluate
+from transformer.train.optim import lr_schedule, make_optimizer
+from transformer.train.step import make_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(400))
@@ -72,8 +75,8 @@ def test_resumed_run_equals_uninterrupted_run(resumed_pair):
 
 def test_weight_average_resumes_exactly_and_is_what_eval_and_loading_use(resumed_pair):
     from transformer.checkpoint import Checkpointer, abstract_like
-    from transformer.loading import load_run
-    from transformer.training import update_ema
+    from transformer.infer.loading import load_run
+    from transformer.train.optim import update_ema
     full, half, _ = resumed_pair
     (full_loss, full_val), (half_loss, half_val) = losses(full), losses(half)
     assert full_loss == half_loss and full_val == {s: half_val[s] for s in full_val}  # exactly (val: the average's)
@@ -88,7 +91,7 @@ def test_weight_average_resumes_exactly_and_is_what_eval_and_loading_use(resumed
         np.testing.assert_array_equal(a, b)  # inference loads the average ...
     assert any(not np.allclose(a, b) for a, b in zip(leaves(raw), leaves(average)))  # ... not the last weights
     # the val loss logged at step 8 is the average's
-    from transformer.data import eval_batches
+    from transformer.data.blocks import eval_batches
     val = eval_batches(np.load(full / "tokens" / "val.npy"), 16, 8, 2)
     forward = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x))
     val_loss = lambda p: np.mean([cross_entropy(forward(p, x), y) for x, y in val])  # noqa: E731
@@ -202,7 +205,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_tokens():
 def test_evaluation_is_a_per_token_mean_over_the_whole_validation_set():
     """11 pairs of assorted lengths in length-sorted batches of 4: the validation loss is the sum over every target
     token divided by their count, not a mean of batch means (nor of the first batches only)."""
-    from transformer.pipelines import Seq2SeqPipeline
+    from transformer.tasks.seq2seq import Seq2SeqPipeline
     graphdef, create, _, eval_step, mesh = seq2seq_steps()
     rng = np.random.default_rng(1)
     pairs = [(rng.integers(3, 29, n).tolist(), rng.integers(3, 29, m).tolist())
@@ -234,7 +237,7 @@ def test_evaluation_is_a_per_token_mean_over_the_whole_validation_set():
 def test_weight_decay_reaches_weight_matrices_and_tables_only(model_cfg):
     """With zero gradients AdamW moves exactly the decayed parameters: every weight matrix and embedding / position
     table, never a bias (the fused q/k/v bias is 3-D) or a norm scale."""
-    from transformer.models import build_model
+    from transformer.model import build_model
     _, params = nnx.split(build_model(model_cfg, nnx.Rngs(0)), nnx.Param)
     params = jax.tree.map(lambda p: p + 1.0, params)  # biases start at 0, where decay would not show
     tx = make_optimizer(OptimConfig(weight_decay=0.5, warmup_steps=1), 10)

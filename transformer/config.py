@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """Bad user input: the CLIs print the message on one line and exit with code 2."""
 
 
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line ConfigError."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # GPT-style causal LM, BERT-style bidirectional encoder, or the original encoder-decoder (translation)

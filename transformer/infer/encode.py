@@ -10,8 +10,8 @@ import numpy as np
 from flax import nnx
 
 from transformer.config import ConfigError
-from transformer.encoder import mean_pool
-from transformer.mlm import Specials, specials_for
+from transformer.data.specials import Specials, specials_for
+from transformer.model.encoder import mean_pool
 
 MASK_TEXT = "[MASK]"
 

@@ -11,10 +11,10 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer.attention import causal_mask, init_kv_cache, padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
-from transformer.model import Block, split_key
+from transformer.model.attention import causal_mask, init_kv_cache, padding_mask
+from transformer.model.block import Block, split_key
+from transformer.model.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 
 
 def _positions(B: int, T: int):

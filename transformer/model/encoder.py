@@ -5,11 +5,23 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from transformer.attention import padding_mask
 from transformer.config import ModelConfig
-from transformer.layers import (ACTIVATIONS, DTYPES, AbsolutePositions, Embed, Norm, bias_param, dense, dropout,
-                                kernel_init, lookup, normal, param)
-from transformer.model import Block, split_key
+from transformer.model.attention import padding_mask
+from transformer.model.block import Block, split_key
+from transformer.model.layers import (
+    ACTIVATIONS,
+    DTYPES,
+    AbsolutePositions,
+    Embed,
+    Norm,
+    bias_param,
+    dense,
+    dropout,
+    kernel_init,
+    lookup,
+    normal,
+    param,
+)
 
 
 class Encoder(nnx.Module):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from transformer.pipelines import Seq2SeqPipeline
+from transformer.tasks.seq2seq import Seq2SeqPipeline
 
 BOS, EOS, PAD = 1, 2, 0
 RNG = np.random.default_rng(0)

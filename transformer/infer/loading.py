@@ -1,5 +1,5 @@
 """Load a trained run directory for inference: config, tokenizer and params from one checkpoint, nothing else.
-A Hugging Face BERT-family directory (config.json + model.safetensors, see `transformer/hf.py`) loads the same way."""
+A Hugging Face BERT-family directory (config.json + model.safetensors, see `convert/hf.py`) loads the same way."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +11,9 @@ from flax import nnx
 from transformer import sharding
 from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
 from transformer.config import Config, ConfigError, MeshConfig
-from transformer.hf import is_hf_dir, load_hf_encoder
-from transformer.models import build_model
-from transformer.tokenizer import Tokenizer, tokenizer_from_json
+from transformer.convert.hf import is_hf_dir, load_hf_encoder
+from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
+from transformer.model import build_model
 
 
 @dataclasses.dataclass

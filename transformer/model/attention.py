@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.layers import DTYPES, bias_param, dense, dense_out, dropout, kernel_init, param, rotary
+from transformer.model.layers import DTYPES, bias_param, dense, dense_out, dropout, kernel_init, param, rotary
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.

@@ -10,10 +10,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from transformer.config import ModelConfig
 from jax.sharding import PartitionSpec as P
 
+from transformer.config import ModelConfig
 from transformer.sharding import ACT_BTD, constrain, data_only_mesh, is_partitioned
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

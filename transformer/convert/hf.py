@@ -20,8 +20,8 @@ from flax import nnx
 from safetensors import safe_open
 
 from transformer.config import ConfigError, ModelConfig
-from transformer.encoder import EncoderLM, MLMHead
-from transformer.tokenizer import HFTokenizer
+from transformer.data.tokenizer import HFTokenizer
+from transformer.model.encoder import EncoderLM, MLMHead
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 

@@ -1,6 +1,6 @@
 """sacreBLEU of an encoder-decoder (translation) run.
 
-    python -m transformer.evaluate --checkpoint RUN --source-file val.de --reference-file val.en [--beam 4]
+    python -m transformer.infer.evaluate --checkpoint RUN --source-file val.de --reference-file val.en [--beam 4]
 
 Hypotheses are detokenized text (the tokenizer's decode) scored cased against the raw references with sacreBLEU's
 default 13a tokenization, the standard comparable figure. train.py reports the same score on the validation pairs at
@@ -20,8 +20,9 @@ def translate_texts(graphdef, params, tok, max_len: int, texts: list[str], *, be
                     max_new_tokens: int | None = None) -> list[str]:
     """Detokenized translations of `texts`, in order (beam search, or `sampler` with beam 1; greedy by default).
     Sources are cut to `max_len` tokens; targets stop at `max_new_tokens` (default `max_len`)."""
-    from transformer.pipelines import translation_ids
-    from transformer.sampling import Sampler, translate
+    from transformer.data.specials import translation_ids
+    from transformer.infer.sampling import Sampler
+    from transformer.infer.translate import translate
     from transformer.sharding import one_cpu_device
 
     bos, eos, pad, _ = translation_ids(tok)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     quiet_jax_logs()
     from transformer.config import ConfigError
-    from transformer.loading import load_run
+    from transformer.infer.loading import load_run
 
     try:
         if args.beam < 1:

@@ -14,7 +14,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from transformer.config import ConfigError, DataConfig
+from transformer.config import ConfigError, DataConfig, first_line
 
 # Text <-> an array of code points in one C call each way; "surrogatepass" so no Python str is unencodable.
 _UTF32 = "utf-32-le"
@@ -81,7 +81,7 @@ class SentencePieceTokenizer:
         try:
             self._sp.LoadFromSerializedProto(self._proto)
         except RuntimeError as e:
-            raise ConfigError(f"not a valid sentencepiece model ({_first_line(e)})") from None
+            raise ConfigError(f"not a valid sentencepiece model ({first_line(e)})") from None
         newline_id = self._sp.piece_to_id("\n")  # the unk id when there is no such piece
         self._newline_id = newline_id if self._sp.id_to_piece(newline_id) == "\n" else None
 
@@ -179,7 +179,7 @@ def load_tokenizer(run_dir: str) -> Tokenizer:
         with open(path) as f:
             return tokenizer_from_json(json.load(f))
     except (ValueError, KeyError, TypeError) as e:  # ConfigError is a ValueError; so are JSON and base64 errors
-        raise ConfigError(f"{path} is corrupt ({_first_line(e)})") from None
+        raise ConfigError(f"{path} is corrupt ({first_line(e)})") from None
 
 
 def build_tokenizer(cfg: DataConfig, train_text: str, val_text: str = "") -> Tokenizer:
@@ -198,13 +198,9 @@ def _optional_id(i: int) -> int | None:
     return None if i < 0 else i  # sentencepiece reports a disabled special piece as -1
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _reason(e: Exception) -> str:
     # Drop sentencepiece's "INTERNAL: src/file.cc(123) [check]" prefix and keep the human-readable part.
-    line = _first_line(e)
+    line = first_line(e)
     return line.rsplit("] ", 1)[-1].strip() or line
 
 
@@ -225,7 +221,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
         except Exception as e:  # the tokenizers package raises a bare Exception for unparsable files
-            raise ConfigError(f"not a valid Hugging Face tokenizer.json ({_first_line(e)})") from None
+            raise ConfigError(f"not a valid Hugging Face tokenizer.json ({first_line(e)})") from None
         self._tok.no_padding()
         self._tok.no_truncation()
 

@@ -1,0 +1,1 @@
+"""One module per outside checkpoint format, mapped onto this library's model families by name tables."""

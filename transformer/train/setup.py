@@ -1,0 +1,106 @@
+"""Setting a run up: its directory, its data through the task, its model config, and its train state (fresh,
+restored from the run's latest checkpoint, or started from another run's weights with `train.init_from`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from transformer import sharding
+from transformer.checkpoint import CONFIG_FILE, abstract_like, read_run_config, write_json_atomic
+from transformer.config import Config, ConfigError
+from transformer.infer.loading import LoadedRun, load_run
+from transformer.model import build_model
+from transformer.tasks import Task, TaskData, task_of
+from transformer.train.optim import make_optimizer
+from transformer.train.step import init_state
+
+
+def run_dir_of(cfg: Config) -> str:
+    return cfg.train.run_dir or os.path.join("runs", cfg.preset)
+
+
+def check_run_dir(cfg: Config, run_dir: str) -> None:
+    """An existing run dir must hold the same model and data, or resuming would silently mix two experiments."""
+    saved = read_run_config(run_dir)
+    if saved is None:
+        return
+    # With train.init_from the model config comes from that run, so only the data must match.
+    for section in ("data",) if cfg.train.init_from else ("model", "data"):
+        ours = dataclasses.asdict(getattr(cfg, section))
+        theirs = dict(saved.get(section, {}))
+        if section == "model":
+            # from the tokenizer and the labels; and how this machine multiplies, which changes no parameter
+            for derived in ("vocab_size", "n_classes", "matmul_dtype"):
+                ours.pop(derived), theirs.pop(derived, None)
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"run dir {run_dir} holds a different {section} ({section}.{k}={theirs.get(k)!r}, "
+                              f"now {ours.get(k)!r}); use another --train.run_dir or delete that directory")
+
+
+def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData, object, LoadedRun | None]:
+    """(the resolved config, the task, its data, its pipeline, the `train.init_from` run or None). The resolved
+    config (vocabulary and class count from the data) is written to the run dir."""
+    source = None
+    if cfg.train.init_from:  # start from another run's model (e.g. an MLM run): its config, tokenizer, weights
+        source = load_run(cfg.train.init_from, mesh=mesh)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, dropout=cfg.model.dropout,
+                                                                 n_classes=0))
+    task = task_of(cfg)
+    data = task.prepare(cfg, run_dir, source and source.tokenizer)
+    pipeline, vocab = task.pipeline(cfg, data, sharding.batch_shards(mesh))
+    if source is not None and vocab != source.cfg.model.vocab_size:
+        raise ConfigError(f"{cfg.train.init_from} has a vocabulary of {source.cfg.model.vocab_size}, this task needs "
+                          f"{vocab}")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab,
+                                                             n_classes=len(data.labels or ()))).validate()
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
+    return cfg, task, data, pipeline, source
+
+
+def build_state(cfg: Config, mesh):
+    """Graph, sharded train state created directly on the devices (never whole on one host), and its shardings."""
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+
+    def create():
+        model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
+        return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0)[1]
+
+    abstract = jax.eval_shape(create)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0))))
+    shardings = sharding.tree_shardings(abstract, mesh)
+    return graphdef, tx, abstract, shardings, jax.jit(create, out_shardings=shardings)
+
+
+def checkpoint_meta(cfg: Config, pipeline, tok, labels=None) -> dict:
+    """A checkpoint's JSON item: the resolved config, the data-iterator state, the tokenizer, the class labels."""
+    return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json(), "labels": labels}
+
+
+def init_or_restore(ckpt, latest: int | None, run_dir: str, abstract, shardings, create, pipeline,
+                    source: LoadedRun | None) -> dict:
+    """The train state: the run's latest checkpoint (and the pipeline moved to where it was), or a fresh one, with
+    the `init_from` source's weights wherever this model has the same modules (new heads stay fresh)."""
+    if latest is not None:
+        try:
+            state, meta = ckpt.restore(latest, abstract_like(abstract, shardings))
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {latest} in {run_dir} does not match this configuration "
+                              f"({str(e).strip().splitlines()[0]}); use another --train.run_dir") from None
+        pipeline.restore(meta["data_state"])
+        return state
+    state = create()
+    if source is not None:
+        params = state["params"]
+        for name in source.params:
+            if name in params:
+                params[name] = source.params[name]
+        state = {**state, "params": params}
+        if "ema" in state:
+            state["ema"] = jax.tree.map(jax.numpy.copy, params)
+    return state

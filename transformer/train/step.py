@@ -1,0 +1,94 @@
+"""The train state and the pure jitted train / eval steps.
+
+The train state is a plain dict pytree: {"params", "opt_state", "step", "rng"}, plus "ema" (the weights' moving
+average) when optim.ema_decay > 0. The model graph is split once; the steps merge it with the params inside the
+traced function, so jit sees only arrays. What a batch holds and how its loss is taken is the task's (`tasks/`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from transformer import sharding
+from transformer.config import Config
+from transformer.tasks import task_of
+from transformer.train.optim import update_ema
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool = False):
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return graphdef, state
+
+
+def inference_params(state: dict):
+    """The weights to evaluate and sample with: the moving average when the run keeps one."""
+    return state.get("ema", state["params"])
+
+
+def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, shardings) -> tuple[Callable, Callable]:
+    """Returns (train_step, eval_step), both jitted with explicit shardings; train_step donates the state.
+
+    train_step(state, batch) takes arrays shaped (A, B, ...): A gradient-accumulation micro-batches of B rows, and
+    returns the new state and {"loss", "grad_norm", "tokens"}; eval_step(params, batch) takes (B, ...) and returns
+    the summed terms of the task's loss ("loss", "correct", "count"), which `tasks.losses.means` turns into
+    per-token figures.
+    """
+    use_dropout = cfg.model.dropout > 0
+    task = task_of(cfg)
+
+    def sums_fn(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        return task.sums(model, batch, key if use_dropout else None, cfg.optim.label_smoothing)
+
+    def loss_fn(params, batch, key, count):
+        sums = sums_fn(params, batch, key)
+        return sums["loss"] / count, sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    @sharding.activation_mesh(mesh)
+    def train_step(state, batch_A):
+        # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call. Every
+        # micro-batch's loss sum is divided by the weight count of the whole step, so the accumulated gradient is
+        # the gradient of the step's mean over tokens, whatever the split.
+        params, step = state["params"], state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        A = batch_A["inputs"].shape[0]
+        count = jnp.maximum(task.weights(batch_A).sum(), 1.0)
+        if A == 1:
+            grads, sums = grad_fn(params, jax.tree.map(lambda a: a[0], batch_A), key, count)
+        else:
+            def micro(carry, inputs):
+                batch, i = inputs
+                grads, sums = grad_fn(params, batch, jax.random.fold_in(key, i), count)
+                return jax.tree.map(jnp.add, carry, (sums["loss"], grads)), None
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss_sum, grads), _ = jax.lax.scan(micro, zero, (batch_A, jnp.arange(A)))
+            sums = {"loss": loss_sum}
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1,
+                     "rng": state["rng"]}
+        if "ema" in state:
+            new_state["ema"] = update_ema(state["ema"], new_state["params"], step, cfg.optim.ema_decay)
+        return new_state, {"loss": sums["loss"] / count, "grad_norm": optax.tree.norm(grads),
+                           "tokens": task.real_tokens(batch_A)}
+
+    @sharding.activation_mesh(mesh)
+    def eval_step(params, batch):
+        return sums_fn(params, batch, None)
+
+    repl = sharding.replicated(mesh)
+    keys = task.keys
+    train = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, repl),
+                    in_shardings=(shardings, dict.fromkeys(keys, sharding.batch_sharding(mesh, lead_axes=1))))
+    evaluate = jax.jit(eval_step, out_shardings=repl,
+                       in_shardings=(shardings["params"], dict.fromkeys(keys, sharding.batch_sharding(mesh))))
+    return train, evaluate
