@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE
 
 from transformer.cli import parse_args
 from transformer.config import ConfigError
@@ -12,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": ""}  # one CPU device, like a user's laptop
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}  # one CPU device, like a user's laptop
     return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
 

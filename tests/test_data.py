@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from transformer.config import ConfigError, DataConfig
 from transformer.data import hub, sources
@@ -233,7 +234,7 @@ def test_hub_dataset_without_network_comes_from_the_cache(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("env", [{"HF_ENDPOINT": "https://hub.invalid"}, {"HF_HUB_OFFLINE": "1"}])
 def test_train_cli_with_a_hub_dataset_and_no_network_fails_fast_in_one_line(tmp_path, env):
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "", "HF_HOME": str(tmp_path / "hf"), **env}
+    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE, "HF_HOME": str(tmp_path / "hf"), **env}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data.path", "some_owner/some_dataset",
                            "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True, env=env,

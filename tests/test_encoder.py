@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import FAST_COMPILE
 from flax import nnx
 
 from transformer.config import Config, ModelConfig
@@ -18,6 +19,8 @@ from transformer.tasks.mlm import frame, mask_tokens
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(arch="encoder", vocab_size=40, d_model=32, n_heads=4, n_layers=2, max_len=16, use_bias=True,
                    norm_position="post", embed_norm=True, type_vocab_size=2, activation="gelu_exact")
+
+ENV = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one CPU device
 
 
 def test_no_causal_mask_and_padding_is_ignored():
@@ -77,13 +80,14 @@ def test_mlm_training_and_fill_mask(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. " * 400)
     run = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = ENV
     args = [sys.executable, os.path.join(REPO, "train.py"), "--config", "bert_mlm_tiny", "--data.path", str(corpus),
             "--data.tokenizer=char", "--train.run_dir", str(run), "--train.steps=400", "--model.dropout=0",
             "--model.max_len=32", "--model.d_model=64", "--model.n_layers=2", "--train.batch_size=16",
             "--optim.warmup_steps=10", "--optim.lr=3e-3", "--train.eval_interval=400", "--train.progress=false",
             "--data.val_fraction=0.1"]
-    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+    # 400 steps: XLA's default optimisation level costs less in run time than the fast-compile flag saves
+    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "accuracy" in out.stdout
     cfg = Config.from_dict(__import__("json").load(open(run / "config.json")))
@@ -138,7 +142,7 @@ def test_classifier_fine_tuned_from_mlm(tmp_path):
     probs = encode.classify(run, ["the dog sleeps near a tree", "a small bird eats"])
     assert probs.argmax(1).tolist() == [2, 0]
     cli = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(clf), "--classify",
-                          "a cat runs"], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=REPO)
+                          "a cat runs"], capture_output=True, text=True, env=ENV, cwd=REPO)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout.startswith("'a cat runs': cat ")  # the most likely label first, by name
 
@@ -155,7 +159,7 @@ def test_sample_embed_cli_ranks_paraphrase_above_unrelated():
     model_dir = os.path.join(os.path.dirname(spec.origin), "model")
     texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today."]
     out = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", model_dir, "--embed",
-                          *texts], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=REPO)
+                          *texts], capture_output=True, text=True, env=ENV, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     cos = {tuple(m[:2]): float(m[2]) for m in re.findall(r"cosine\('(.+?)', '(.+?)'\) = (-?[\d.]+)", out.stdout)}
     assert cos[(texts[0], texts[1])] > 0.5 > 0.1 > cos[(texts[0], texts[2])]

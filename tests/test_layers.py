@@ -90,7 +90,9 @@ def test_xavier_init_spreads_each_matrix_over_its_own_fans(activation):
         v = np.asarray(w[...])
         np.testing.assert_allclose(v.std(), want, rtol=0.03)
         assert np.abs(v).max() <= want * 3 ** 0.5 * 1.0001  # uniform, bounded at sqrt(3) std
-    from transformer.model import build_model  # an untied output layer is a weight matrix too
+    from transformer.model import (
+        build_model,  # an untied output layer is a weight matrix too
+    )
     lm = build_model(ModelConfig(d_model=D, n_heads=N, d_ff=F, n_layers=1, vocab_size=1000, tie_embeddings=False,
                                  activation=activation, init="xavier"), nnx.Rngs(3))
     np.testing.assert_allclose(np.asarray(lm.unembed_DV[...]).std(), glorot(D, 1000), rtol=0.03)

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": ""}
+ENV = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}
 
 
 def run(script, *args, stdin=None):

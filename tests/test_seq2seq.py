@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from flax import nnx
 
 from transformer.config import ModelConfig
@@ -66,14 +67,17 @@ def test_cached_decoding_equals_the_full_forward(model):
 def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
     """train.py on two aligned files (a digit is one sentencepiece token), then greedy and beam decoding: 100% exact
     match on held-out strings, sacreBLEU 100 from `python -m transformer.infer.evaluate` and during training."""
+    import json
+    import os
     import random
     import re
+    import subprocess
+    import sys
 
-    from transformer.cli import parse_args
     from transformer.data.specials import translation_ids
     from transformer.infer.loading import load_run
     from transformer.infer.translate import translate
-    from transformer.train import train
+    from transformer.train import METRICS_FILE
     rng = random.Random(0)
 
     def digits():  # space-separated, so that sacreBLEU sees words
@@ -82,13 +86,21 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
     (tmp_path / "src.txt").write_text("\n".join(src) + "\n")
     (tmp_path / "tgt.txt").write_text("\n".join(s[::-1] for s in src) + "\n")
     run_dir = tmp_path / "run"
-    out = train(parse_args([
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Trained through the CLI, compiled at XLA's default optimisation level: this test runs 1,000 steps, where the
+    # suite's fast-compile flag would cost more in run time than it saves in compile time.
+    trained = subprocess.run([
+        sys.executable, os.path.join(repo, "train.py"),
         "--model.arch=encoder_decoder", "--data.source_file", str(tmp_path / "src.txt"), "--data.target_file",
         str(tmp_path / "tgt.txt"), "--model.d_model=64", "--model.n_heads=4", "--model.n_layers=2",
         "--model.max_len=16", "--model.positions=sinusoidal", "--model.scale_embeddings=true",
         "--train.batch_size=32", "--train.steps=1000", "--train.eval_interval=1000", "--train.progress=false",
         "--train.run_dir", str(run_dir), "--optim.lr=2e-3", "--optim.warmup_steps=20", "--train.sample_tokens=0",
-        "--train.bleu_sentences=100", "--data.tokenizer=sentencepiece", "--data.vocab_size=300", "--mesh.data=1"])[0])
+        "--train.bleu_sentences=100", "--data.tokenizer=sentencepiece", "--data.vocab_size=300", "--mesh.data=1"],
+        capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    with open(run_dir / METRICS_FILE) as f:
+        out = [r for r in map(json.loads, f) if "val_bleu" in r][-1]
     assert out["val_accuracy"] > 0.95 and out["val_bleu"] > 95.0
     run = load_run(str(run_dir))
     bos, eos, pad, _ = translation_ids(run.tokenizer)
@@ -105,19 +117,15 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
     beams = translate(run.graphdef, run.params, [run.tokenizer.encode(s).tolist() for s in tests[:20]],
                       max_new_tokens=12, bos=bos, eos=eos, pad=pad, beam_size=4)  # beams reorder the KV cache
     assert [run.tokenizer.decode(o) for o in beams] == [s[::-1] for s in tests[:20]]
-    import os
-    import subprocess
-    import sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / "in.txt").write_text("\n".join(tests[:5]) + "\n")
     cli = subprocess.run([sys.executable, os.path.join(repo, "sample.py"), "--checkpoint", str(run_dir),
                           "--source-file", str(tmp_path / "in.txt")], capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+                         env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=repo)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout.splitlines() == [s[::-1] for s in tests[:5]]
     ignored = subprocess.run([sys.executable, os.path.join(repo, "sample.py"), "--checkpoint", str(run_dir),
                               "--source", tests[0], "--num-samples", "2"], capture_output=True, text=True,
-                             env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+                             env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=repo)
     assert ignored.returncode == 2 and "--num-samples does not apply" in ignored.stderr, ignored.stderr
 
 
@@ -205,7 +213,7 @@ def test_misaligned_files_are_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(repo, "train.py"), "--config", "multi30k_de_en",
                           "--data.source_file", str(tmp_path / "a.txt"), "--data.target_file", str(tmp_path / "b.txt"),
                           "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": ""}, cwd=repo)
+                         env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=repo)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "has 3 lines but" in out.stderr and "not aligned" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

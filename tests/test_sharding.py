@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -215,7 +216,8 @@ def test_two_processes_agree_with_one(corpus, tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}",
+               "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(REPO, "train.py"), *tiny_args(corpus, multi, 4, mesh,

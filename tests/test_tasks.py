@@ -87,3 +87,40 @@ def test_rows_callable_selects_this_process_rows_and_state_resumes():
     half = q.next(0, lambda n: np.arange(n // 2, n))  # e.g. the second of two processes
     for k in full:
         np.testing.assert_array_equal(full[k][len(full[k]) // 2:], half[k])
+
+
+@pytest.mark.parametrize("name", ["lm", "mlm", "classify", "seq2seq"])
+def test_every_task_yields_the_arrays_it_declares_and_a_loss_over_them(name):
+    """The trainer knows a task only through its protocol (`tasks/base.py`): every training and validation batch
+    holds exactly the arrays `task.keys` names, all with one batch axis, and the task's loss over a batch of the
+    model it asks for (its vocabulary, its classes) is finite with a positive weight count."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from transformer.cli import parse_args
+    from transformer.data.tokenizer import CharTokenizer
+    from transformer.model import build_model
+    from transformer.tasks import TASKS, TaskData
+
+    arch = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "seq2seq": "encoder_decoder"}[name]
+    cfg, _ = parse_args([f"--model.arch={arch}", f"--train.task={name}", "--model.d_model=16", "--model.n_heads=2",
+                         "--model.n_layers=1", "--model.max_len=16", "--train.batch_size=4", "--train.eval_batches=2"])
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    tok = CharTokenizer(text)
+    data = {"lm": TaskData(tok, tok.encode(text), tok.encode(text[:300])),
+            "mlm": TaskData(tok, tok.encode(text), tok.encode(text[:300])),
+            "classify": TaskData(tok, [("the fox", "a"), ("the lazy dog", "b")] * 10, [("a fox", "a")] * 5, ["a", "b"]),
+            "seq2seq": TaskData(tok, [("the fox", "xof eht"), ("a dog", "god a")] * 10, [("a fox", "xof a")] * 5),
+            }[name]
+    task = TASKS[name]
+    pipeline, vocab = task.pipeline(cfg, data)
+    batch = pipeline.next(1, np.arange)
+    for b in [batch, *pipeline.val]:
+        assert sorted(b) == sorted(task.keys)
+        assert len({a.shape[0] for a in b.values()}) == 1
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, n_classes=len(data.labels or ()))
+    sums = task.sums(build_model(model_cfg, nnx.Rngs(0)), jax.tree.map(jnp.asarray, batch), None)
+    assert float(sums["count"]) > 0 and np.isfinite(float(sums["loss"]))
