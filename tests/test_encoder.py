@@ -6,6 +6,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import FAST_COMPILE
 from flax import nnx
 
@@ -164,3 +165,38 @@ def test_sample_embed_cli_ranks_paraphrase_above_unrelated():
     cos = {tuple(m[:2]): float(m[2]) for m in re.findall(r"cosine\('(.+?)', '(.+?)'\) = (-?[\d.]+)", out.stdout)}
     assert cos[(texts[0], texts[1])] > 0.5 > 0.1 > cos[(texts[0], texts[2])]
     assert "(384 dims)" in out.stdout
+
+
+def test_fill_mask_with_sentencepiece_predicts_whole_words(monkeypatch):
+    """A space before [MASK] goes with the masked word (sentencepiece writes it into the next piece), so the mask is
+    not preceded by a lone "▁" piece; and the ranking shows only pieces that start a word, never a bare "▁" (nor <unk>,
+    a byte piece or a special token)."""
+    from types import SimpleNamespace
+
+    from transformer.data.specials import specials_for
+    from transformer.data.tokenizer import SentencePieceTokenizer
+    from transformer.infer import encode
+    text = "\n".join(["The break statement exits a loop.", "The continue statement skips ahead.",
+                      "Use break or continue.", "    if x:", "        break", "breaking news about loops"] * 20)
+    tok = SentencePieceTokenizer.train(text, vocab_size=350)
+    sp, V = specials_for(tok)
+    piece = {p: tok._sp.piece_to_id(p.replace(" ", "▁")) for p in [" ", "break", " break", " continue"]}
+    assert len(set(piece.values())) == 4 and all(tok.decode([i]) == p for p, i in piece.items())
+    ids = encode.encode_text(tok, "The [MASK] statement", sp, 64)
+    assert ids.tolist() == [sp.cls, *tok.encode("The"), sp.mask, *tok.encode(" statement"), sp.sep]
+    assert piece[" "] not in ids.tolist()
+
+    probs = np.zeros(V, np.float32)
+    unk, byte = tok._sp.unk_id(), tok._sp.piece_to_id("<0xE2>")  # decode to " ⁇ " and "\ufffd"
+    probs[[piece[" "], unk, piece["break"], sp.mask, piece[" break"], byte, piece[" continue"]]] = [
+        0.3, 0.2, 0.15, 0.12, 0.1, 0.08, 0.05]
+
+    def fake_fn(graphdef, what):
+        return lambda params, tokens, valid: np.broadcast_to(probs, (*tokens.shape, V))
+    monkeypatch.setattr(encode, "_fn", fake_fn)
+    run = SimpleNamespace(tokenizer=tok, cfg=SimpleNamespace(model=SimpleNamespace(max_len=64)), graphdef=None,
+                          params=None)
+    (after_space,) = encode.fill_mask(run, "The [MASK] statement", top_k=2)
+    assert after_space == [("break", pytest.approx(0.1)), ("continue", pytest.approx(0.05))]
+    (no_space,) = encode.fill_mask(run, "[MASK]ing news", top_k=2)  # no space before: any non-blank piece, as is
+    assert no_space == [("break", pytest.approx(0.15)), (" break", pytest.approx(0.1))]
