@@ -25,21 +25,11 @@ def multi_process_env() -> bool:
                 or _int_env("OMPI_COMM_WORLD_SIZE") > 1)
 
 
-_TERMINATE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds"
-
-
 def use_cpu_devices(n: int) -> None:
     """Run the CPU backend as `n` devices (0: leave JAX's default). Must come before anything touches a device; an
     explicit XLA_FLAGS=--xla_force_host_platform_device_count, or a backend already started, wins."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n <= 0 or "xla_force_host_platform_device_count" in flags:
+    if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
-    # The devices of a split host meet in a rendezvous at every collective (the gradient all-reduce), and XLA aborts
-    # the process when one has not arrived after 40 s. On a heavily loaded host (a default run of bert_mlm_tiny next
-    # to the test suite on 2 cores, getting ~24% of a CPU) one device thread was starved that long and the run died
-    # with SIGABRT; a slow step is better than a lost run. The backend reads XLA_FLAGS when it starts, after this.
-    if n > 1 and _TERMINATE_TIMEOUT not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {_TERMINATE_TIMEOUT}=600".strip()
     import jax
 
     try:
