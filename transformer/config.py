@@ -141,8 +141,8 @@ class MeshConfig:
     tensor: int = 1
     # CPU only: present the host as this many XLA devices (0: JAX's default, one). XLA:CPU spreads a small model's
     # ops over the cores poorly; one device per core running its share of the batch (mesh.data) uses them better.
-    # -1 ("auto"): 2 on a CPU-only host with native bf16 (AVX512-BF16 / AMX) and at least 2 cores when
-    # train.batch_size is even, else one (transformer/platform.py says what was measured).
+    # -1 ("auto"): one device. The split is ~1.8x faster on a 2-core AVX512-BF16 host but XLA:CPU's in-process
+    # all-reduce between the devices can hang or abort (measured, transformer/platform.py), so it is opt-in.
     cpu_devices: int = -1
 
 

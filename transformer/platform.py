@@ -8,22 +8,22 @@ measured with the 0.8M-parameter baby GPT (`python train.py`, tokens/s after war
   matmul inputs (float32 accumulation) added 15-20%;
 - a 2-vCPU AMD EPYC VM with AVX2 only: the split was ~10% slower (7.7k vs 8.5k) and bf16 inputs ~15% slower (XLA
   converts them, no bf16 dot instructions), so one device in float32 is its fast path.
-So "auto" splits a CPU host into 2 devices (when the batch divides) and feeds bf16 to the matmuls only where the CPU
-multiplies bf16 natively (AVX512-BF16 or AMX). Bigger hosts were not measured: set the fields yourself there. On
-accelerators the activation dtype (model.dtype) decides the matmul inputs, so "auto" means float32 there, and the CPU
-is left as one device.
+The split is fast but not safe: the devices of a split host meet at every gradient all-reduce in one process, and
+XLA:CPU (jaxlib 0.10.2) sometimes never brings the second one there. On the AVX512-BF16 VM, 700-step runs of the
+default model on 2 devices hung at the all-reduce in 1 of 10 runs alone on the machine (with a 600 s timeout) and
+aborted (XLA's 40 s timeout, SIGABRT) in 3 of 5 and 4 of 6 runs with a second such run on the cores; a run of
+bert_mlm_tiny next to the test suite died the same way. One device has no such rendezvous. So "auto" leaves the CPU as one device
+everywhere, and feeds bf16 to the matmuls only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); a user
+who wants the ~1.8x of the split on such a machine asks for it (--mesh.cpu_devices=2) and takes the risk. On
+accelerators the activation dtype (model.dtype) decides the matmul inputs, so "auto" means float32 there.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
 from transformer.config import Config
 
-AUTO_CPU_DEVICES = 2
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
@@ -42,25 +42,10 @@ def cpu_has_bf16() -> bool:
     return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
 
-def accelerator_installed() -> bool:
-    """Whether JAX will find a GPU / TPU backend (a plugin is installed and JAX_PLATFORMS does not pin the CPU),
-    known without starting any backend: the CPU split must be decided before that."""
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return platforms.split(",")[0].strip() not in ("", "cpu")
-    return any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_MODULES)
-
-
-def auto_cpu_devices(batch_rows: int, cores: int | None = None, bf16_cpu: bool | None = None) -> int:
-    """How many XLA devices to split a CPU host into: AUTO_CPU_DEVICES on a CPU with native bf16 where the cores and
-    the batch allow, else 1; 0 (JAX's default) when the run will be on an accelerator."""
-    if accelerator_installed() or not (cpu_has_bf16() if bf16_cpu is None else bf16_cpu):
-        return 0
-    cores = os.cpu_count() if cores is None else cores
-    n = min(AUTO_CPU_DEVICES, cores or 1)
-    while batch_rows % n:
-        n -= 1
-    return n
+def auto_cpu_devices() -> int:
+    """How many XLA devices "auto" splits a CPU host into: 0 (JAX's default, one device) -- see the module docstring
+    for why the faster 2-device split is opt-in."""
+    return 0
 
 
 def auto_matmul_dtype(platform: str, bf16_cpu: bool | None = None) -> str:
@@ -76,7 +61,7 @@ def resolve(cfg: Config) -> Config:
 
     mesh, model = cfg.mesh, cfg.model
     if mesh.cpu_devices < 0:
-        mesh = dataclasses.replace(mesh, cpu_devices=auto_cpu_devices(cfg.train.batch_size))
+        mesh = dataclasses.replace(mesh, cpu_devices=auto_cpu_devices())
     distributed.use_cpu_devices(mesh.cpu_devices)
     if model.matmul_dtype == "auto":
         import jax
