@@ -5,15 +5,14 @@ BERT's learned positions: at this size, learned absolute positions sit for thous
 before attention finds the neighbouring tokens (measured), rotary ones get there in a few hundred.
 
 600 steps of 32 x 128 tokens (~2.5M tokens, ~17 passes over the 145k training tokens) at lr 2e-3: on a 2-core
-AVX512-BF16 VM (2 XLA devices, bf16 matmuls) ~13.5k tokens/s, so ~3 minutes of steps: 3m37s end to end measured
-with the cores shared for the first minute and a half, 5m33s with another job on them throughout. Val loss 2.44,
-57% of the masked pieces right, against 4.79 for the unigram distribution. The old 2,000 steps at lr 1e-3 took over
-10 minutes; an 800-step run at lr 1e-3 was at 2.79 by step 400 (2.56 here) and ended at 2.50. A model this small
+AVX512-BF16 VM (one XLA device, bf16 matmul inputs) ~11.3k tokens/s, 3m45s end to end from a fresh clone. Val loss
+2.44, 57% of the masked pieces right, against 4.79 for the unigram distribution. The old 2,000 steps at lr 1e-3 took
+over 10 minutes; an 800-step run at lr 1e-3 was at 2.79 by step 400 (2.56 here) and ended at 2.50. A model this small
 learns the corpus's local patterns ("Changed in version 3.8", a noun after "The") more than facts: "The [MASK]
 statement exits a loop." gets "class" and "function", not "break".
 
     python train.py --config bert_mlm_tiny                 # the embedded corpus, ~4 minutes on 2 cores
-    python sample.py --checkpoint runs/bert_mlm_tiny --fill-mask "Changed in [MASK] 3.8."    # 'version' 0.599
+    python sample.py --checkpoint runs/bert_mlm_tiny --fill-mask "Changed in [MASK] 3.8."    # 'version' 0.60
 """
 
 
