@@ -1,7 +1,7 @@
 """The fast path on this machine, for the config fields left on "auto" (`mesh.cpu_devices`, `model.matmul_dtype`).
 
 Both choices only change how the same mathematics runs, never the parameters, so a run may resume on a machine that
-resolves them differently. On a CPU they are taken together, by the one feature that separated the two machine kinds
+resolves them differently. On a CPU both were first decided by the one feature that separated the two machine kinds
 measured with the 0.8M-parameter baby GPT (`python train.py`, tokens/s after warm-up; README "Fast defaults"):
 - a 2-core x86 VM with AVX512-BF16: the host split into 2 XLA devices, each training on half of every batch, ran
   at 31k tokens/s against 18k as one device (XLA:CPU spreads a small model's ops over the cores poorly), and bf16
@@ -12,10 +12,10 @@ The split is fast but not safe: the devices of a split host meet at every gradie
 XLA:CPU (jaxlib 0.10.2) sometimes never brings the second one there. On the AVX512-BF16 VM, 700-step runs of the
 default model on 2 devices hung at the all-reduce in 1 of 10 runs alone on the machine (with a 600 s timeout) and
 aborted (XLA's 40 s timeout, SIGABRT) in 3 of 5 and 4 of 6 runs with a second such run on the cores; a run of
-bert_mlm_tiny next to the test suite died the same way. One device has no such rendezvous. So "auto" leaves the CPU as one device
-everywhere, and feeds bf16 to the matmuls only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); a user
-who wants the ~1.8x of the split on such a machine asks for it (--mesh.cpu_devices=2) and takes the risk. On
-accelerators the activation dtype (model.dtype) decides the matmul inputs, so "auto" means float32 there.
+bert_mlm_tiny next to the test suite died the same way. One device has no such rendezvous. So "auto" leaves the CPU
+as one device everywhere, and feeds bf16 to the matmuls only where the CPU multiplies bf16 natively (AVX512-BF16 or
+AMX); a user who wants the ~1.8x of the split on such a machine asks for it (--mesh.cpu_devices=2) and takes the
+risk. On accelerators the activation dtype (model.dtype) decides the matmul inputs, so "auto" means float32 there.
 """
 from __future__ import annotations
 

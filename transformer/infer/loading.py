@@ -10,7 +10,7 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
-from transformer.config import Config, ConfigError, MeshConfig
+from transformer.config import Config, ConfigError, MeshConfig, first_line
 from transformer.convert.hf import is_hf_dir, load_hf_encoder
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
 from transformer.model import build_model
@@ -68,7 +68,7 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
             params = ckpt.restore_params(step, abstract_like(abstract_params, shardings), item)
         except Exception as e:
             raise ConfigError(f"checkpoint {step} in {run_dir} could not be restored ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:200]})") from None
+                              f"{first_line(e)[:200]})") from None
     finally:
         ckpt.close()
     return LoadedRun(cfg, tok, graphdef, params, step, meta.get("labels"))

@@ -130,9 +130,8 @@ class Translation(Task):
         train, val = load_pairs(cfg.data)
         if val is None:
             train, val = hold_out(train, cfg.data.val_fraction, "data.val_source_file / data.val_target_file")
-        both = [s for pairs in (train, val) for pair in pairs for s in pair]
-        n_train = 2 * len(train)
-        return TaskData(text_tokenizer(cfg, run_dir, tok, both[:n_train], both[n_train:]), train, val)
+        both = lambda pairs: [s for pair in pairs for s in pair]  # noqa: E731
+        return TaskData(text_tokenizer(cfg, run_dir, tok, both(train), both(val)), train, val)
 
     def pipeline(self, cfg: Config, data: TaskData, row_multiple: int = 1):
         """Token-sized batches have a multiple of `row_multiple` rows (empty rows complete them)."""

@@ -63,18 +63,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     schedule = lr_schedule(cfg.optim, cfg.train.steps)  # optax applies schedule(k - 1) at step k
     last_good, pending, result = latest, [], {"step": start}
 
-    def checked_losses(step) -> list[float]:
-        """The losses of the steps since the last check (one device fetch), or TrainingDiverged."""
+    def checked_metrics(step) -> list[dict]:
+        """The metrics of the steps since the last check (one device fetch), or TrainingDiverged."""
         nonlocal pending
         fetched, pending = jax.device_get(pending), []
-        losses = [float(m["loss"]) for m in fetched]
         throughput.add(sum(int(m["tokens"]) for m in fetched))
-        if not all(map(math.isfinite, losses)):
+        if not all(math.isfinite(float(m["loss"])) for m in fetched):
             where = f"the last good checkpoint (step {last_good}) is intact" if last_good is not None else \
                 "no checkpoint was written"
-            raise TrainingDiverged(f"loss became {losses[-1]} by step {step}; stopping: {where}. "
+            raise TrainingDiverged(f"loss became {float(fetched[-1]['loss'])} by step {step}; stopping: {where}. "
                                    "Lower optim.lr, raise optim.warmup_steps or check the data")
-        return losses
+        return fetched
 
     with StopFlag() as stop:
         try:
@@ -83,9 +82,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 pending.append(metrics)
                 final = step == cfg.train.steps
                 if step % cfg.train.log_interval == 0 or final or stop.signal:
-                    loss = checked_losses(step)[-1]
+                    last = checked_metrics(step)[-1]
+                    loss = float(last["loss"])
                     tok_s, mfu = throughput.read()
-                    record = {"step": step, "loss": loss, "grad_norm": float(jax.device_get(metrics["grad_norm"])),
+                    record = {"step": step, "loss": loss, "grad_norm": float(last["grad_norm"]),
                               "lr": float(schedule(step - 1)), "tokens_per_s": tok_s, "mfu": mfu, "time": time.time()}
                     result.update(record)
                     progress.log(record, f"loss {loss:.4f} {tok_s:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else ""))
@@ -98,7 +98,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     result.update(record)
                     progress.log(record, message, permanent=True)
                 if step % cfg.train.ckpt_interval == 0 or final or stop.signal:
-                    checked_losses(step)
+                    checked_metrics(step)
                     ckpt.save(step, state, checkpoint_meta(cfg, pipeline, data.tokenizer, data.labels), val_loss)
                     last_good = step
                 progress.advance(1)

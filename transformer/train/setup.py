@@ -10,7 +10,7 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, abstract_like, read_run_config, write_json_atomic
-from transformer.config import Config, ConfigError
+from transformer.config import Config, ConfigError, first_line
 from transformer.infer.loading import LoadedRun, load_run
 from transformer.model import build_model
 from transformer.tasks import Task, TaskData, task_of
@@ -91,7 +91,7 @@ def init_or_restore(ckpt, latest: int | None, run_dir: str, abstract, shardings,
             state, meta = ckpt.restore(latest, abstract_like(abstract, shardings))
         except ValueError as e:
             raise ConfigError(f"checkpoint {latest} in {run_dir} does not match this configuration "
-                              f"({str(e).strip().splitlines()[0]}); use another --train.run_dir") from None
+                              f"({first_line(e)}); use another --train.run_dir") from None
         pipeline.restore(meta["data_state"])
         return state
     state = create()
