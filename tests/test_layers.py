@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.model.layers import Norm, matmul, matmul_nt_bf16, rotary, sinusoidal_at
+from transformer.model.layers import Norm, matmul, matmul_nt_bf16, rope_frequencies, rotary, sinusoidal_at
 
 
 def test_sinusoidal_matches_the_paper_formula():
@@ -24,12 +24,25 @@ def test_rotary_is_a_rotation_and_relative():
     x = jax.random.normal(jax.random.key(0), (1, 1, 3, 8))
     y = jax.random.normal(jax.random.key(1), (1, 1, 3, 8))
     pos = lambda p: jnp.array([[p]])
+    inv = rope_frequencies(ModelConfig(d_model=24, n_heads=3, positions="rotary"))  # head dim 8
+    np.testing.assert_allclose(inv, [1.0, 0.1, 0.01, 0.001], rtol=1e-6)  # theta^(-2i/H), theta = 10^4
     # norm preserved
-    np.testing.assert_allclose(jnp.linalg.norm(rotary(x, pos(7), 1e4)), jnp.linalg.norm(x), rtol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(rotary(x, pos(7), inv)), jnp.linalg.norm(x), rtol=1e-5)
     # <R(m) x, R(n) y> depends on m - n only
-    dot = lambda m, n: jnp.sum(rotary(x, pos(m), 1e4) * rotary(y, pos(n), 1e4), axis=-1)
+    dot = lambda m, n: jnp.sum(rotary(x, pos(m), inv) * rotary(y, pos(n), inv), axis=-1)
     np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-4, atol=1e-5)
     assert not np.allclose(dot(5, 2), dot(5, 3), atol=1e-3)
+
+
+def test_llama3_rope_scaling_stretches_only_long_wavelengths():
+    # Head dim 8, theta 10^4: wavelengths 2 pi * (1, 10, 100, 1000) ~ 6.3, 63, 628, 6283. With an original context of
+    # 1024, low factor 1 and high factor 4, wavelengths under 256 stay, over 1024 are divided by the factor (8), and
+    # 628 lies between: smooth = (1024 / 628.3 - 1) / 3 = 0.2099, freq = 0.01 * (0.2099 + (1 - 0.2099) / 8).
+    cfg = ModelConfig(d_model=24, n_heads=3, positions="rotary", rope_scaling="llama3", rope_factor=8.0,
+                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=1024)
+    smooth = (1024 / (2 * np.pi * 100) - 1) / 3
+    np.testing.assert_allclose(rope_frequencies(cfg), [1.0, 0.1, 0.01 * (smooth + (1 - smooth) / 8), 0.001 / 8],
+                               rtol=1e-5)
 
 
 def test_norms_normalise():
@@ -86,7 +99,7 @@ def test_xavier_init_spreads_each_matrix_over_its_own_fans(activation):
     w_in = mlp.w_in_DCF if activation == "swiglu" else mlp.w_in_DF
     glorot = lambda fan_in, fan_out: (2.0 / (fan_in + fan_out)) ** 0.5  # std of U(-a, a), a = sqrt(6 / fan sum)
     for w, want in [(att.w_qkv_DCNH, glorot(D, D)), (att.w_o_NHD, glorot(D, D)), (cross.w_q_DNH, glorot(D, D)),
-                    (cross.w_kv_DCNH, glorot(D, D)), (w_in, glorot(D, F)), (mlp.w_out_FD, glorot(F, D))]:
+                    (cross.w_kv_DCKH, glorot(D, D)), (w_in, glorot(D, F)), (mlp.w_out_FD, glorot(F, D))]:
         v = np.asarray(w[...])
         np.testing.assert_allclose(v.std(), want, rtol=0.03)
         assert np.abs(v).max() <= want * 3 ** 0.5 * 1.0001  # uniform, bounded at sqrt(3) std

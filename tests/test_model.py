@@ -57,6 +57,7 @@ def test_permuting_the_input_changes_the_output_when_positions_are_on(positions)
     {}, {"tie_embeddings": False}, {"use_bias": True}, {"activation": "swiglu"}, {"norm": "rmsnorm"},
     {"norm_position": "post"}, {"positions": "rotary", "use_bias": True, "tie_embeddings": False},
     {"d_ff": 40, "positions": "sinusoidal", "activation": "relu"},
+    {"n_kv_heads": 1, "qkv_bias": True, "positions": "rotary"}, {"head_dim": 10, "n_kv_heads": 1, "use_bias": True},
 ])
 def test_parameter_count_matches_the_formula(kw):
     cfg = dataclasses.replace(TINY, **kw)
@@ -104,3 +105,43 @@ def test_jit_equals_eager_and_bf16_is_close():
     bf16 = build(dtype="bfloat16")(x)
     assert bf16.dtype == jnp.float32  # logits stay float32
     np.testing.assert_allclose(bf16, eager, atol=0.1)
+
+
+def _repeat_kv_into_mha(gqa_params, G: int) -> dict:
+    """The same weights as plain multi-head attention: each key/value head copied to its G query heads."""
+    pure = nnx.to_pure_dict(gqa_params)
+    for blk in pure["blocks"].values():
+        a = blk["attn"]
+        w_k, w_v = (np.repeat(a["w_kv_DCKH"][:, c], G, axis=1) for c in (0, 1))
+        b_k, b_v = (np.repeat(a["b_kv_CKH"][c], G, axis=0) for c in (0, 1))
+        blk["attn"] = {"w_qkv_DCNH": np.stack([a["w_q_DNH"], w_k, w_v], axis=1),
+                       "b_qkv_CNH": np.stack([a["b_q_NH"], b_k, b_v]), "w_o_NHD": a["w_o_NHD"]}
+    return pure
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 3])
+def test_grouped_query_model_equals_multi_head_with_repeated_kv_heads(n_kv_heads):
+    """n_kv_heads == n_heads is plain multi-head attention (the fused q/k/v path); a GQA model is exactly that model
+    with each key/value head repeated over its group (multi-query at n_kv_heads=1)."""
+    kw = dict(n_heads=6, d_model=36, positions="rotary", norm="rmsnorm", activation="swiglu", qkv_bias=True)
+    gqa_cfg = dataclasses.replace(TINY, n_kv_heads=n_kv_heads, **kw)
+    gqa = DecoderLM(gqa_cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(gqa, nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(1), p.shape), params)  # biases != 0
+    nnx.update(gqa, params)
+    mha = DecoderLM(dataclasses.replace(TINY, **kw), rngs=nnx.Rngs(5))
+    _, mha_params = nnx.split(mha, nnx.Param)
+    nnx.replace_by_pure_dict(mha_params, _repeat_kv_into_mha(params, 6 // n_kv_heads))
+    nnx.update(mha, mha_params)
+    x = jax.random.randint(jax.random.key(2), (2, 11), 0, TINY.vocab_size)
+    np.testing.assert_allclose(gqa(x), mha(x), rtol=1e-5, atol=1e-5)
+    assert count_params(gqa) == analytic_param_count(gqa_cfg) < count_params(mha)
+
+
+def test_a_3_kv_head_cache_holds_a_third_of_the_9_head_one():
+    cfg = dataclasses.replace(TINY, d_model=72, n_heads=9, positions="rotary")
+    nbytes = lambda c: sum(x.nbytes for x in jax.tree.leaves(c))  # noqa: E731
+    full = nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))).init_cache(2, 32)
+    grouped = DecoderLM(dataclasses.replace(cfg, n_kv_heads=3), rngs=nnx.Rngs(0)).init_cache(2, 32)
+    assert nbytes(grouped) * 3 == nbytes(full) > 0
+    assert grouped[0]["k"].shape == (2, 3, 8, 32) and grouped[0]["v"].shape == (2, 3, 32, 8)

@@ -23,28 +23,31 @@ def full_logits(model, seq):
     return model(jnp.asarray([seq]))[0]
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
-def test_kv_cache_decoding_equals_full_forward_at_every_position(positions):
-    model, _, _ = split(positions=positions)
+@pytest.mark.parametrize("kw", [{"positions": "learned"}, {"positions": "sinusoidal"}, {"positions": "rotary"},
+                                {"positions": "rotary", "n_kv_heads": 1}, {"positions": "rotary", "sliding_window": 4}])
+def test_kv_cache_decoding_equals_full_forward_at_every_position(kw):
+    model, _, _ = split(**kw)
+    window = model.cfg.sliding_window
     seq = jax.random.randint(jax.random.key(1), (2, 13), 0, 23)
     ref = model(seq)
     P, S = 5, 16
     cache = model.init_cache(2, S)
     slots = jnp.arange(S)
     valid = jnp.ones((2, S), bool)
-    mask = (slots[None, None, None, :] <= jnp.arange(P)[None, None, :, None]) & padding_mask(valid)
+    mask = causal_mask(jnp.arange(P)[None], slots[None], window) & padding_mask(valid)
     pos = jnp.broadcast_to(jnp.arange(P), (2, P))
     logits, cache = model(seq[:, :P], positions_BT=pos, mask_B1TS=mask, cache=cache, cache_index=0)
     np.testing.assert_allclose(logits, ref[:, :P], rtol=1e-5, atol=1e-5)
     for t in range(P, 13):
-        mask = (slots <= t)[None, None, None, :]
+        mask = causal_mask(jnp.full((1, 1), t), slots[None], window)
         step, cache = model(seq[:, t:t + 1], positions_BT=jnp.full((2, 1), t), mask_B1TS=mask, cache=cache,
                             cache_index=t)
         np.testing.assert_allclose(step[:, 0], ref[:, t], rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_generate_equals_argmax_loop_over_full_forward():
-    model, graphdef, state = split()
+@pytest.mark.parametrize("kw", [{}, {"positions": "rotary", "n_kv_heads": 1, "sliding_window": 4}])
+def test_greedy_generate_equals_argmax_loop_over_full_forward(kw):
+    model, graphdef, state = split(**kw)
     prompt = [3, 1, 4, 1, 5]
     out = generate(graphdef, state, [prompt], max_new_tokens=9, max_len=16, sampler=Sampler(0.0)).tokens[0]
     forward = jax.jit(lambda seq_T: model(seq_T[None])[0])  # causal: padding after position t changes nothing

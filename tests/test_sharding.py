@@ -180,6 +180,30 @@ def test_sharded_sampler_matches_single_device(corpus, tmp_path):
     assert any(len(set(row)) > 1 for row in outs[(1, 1, 1)])
 
 
+def test_grouped_query_model_trains_and_samples_sharded(corpus, tmp_path):
+    """8 query heads over 2 key/value heads: the kv projection splits its heads over tensor like the query heads,
+    the losses of a 2x2x2 mesh are one device's, and sampling on it gives the one-device tokens."""
+    gqa = ("--model.n_kv_heads=2", "--model.positions=rotary", "--model.qkv_bias=true")
+    cfg, _ = parse_args(tiny_args(corpus, tmp_path, 5, (8, 1, 1), "--model.vocab_size=42", "--optim.lr=1e-2", *gqa))
+    ref, _ = train_losses(cfg, (1, 1, 1), steps=3)
+    got, state = train_losses(cfg, (2, 2, 2), steps=3)
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+    attn = state["params"]["blocks"][0]["attn"]
+    assert attn["w_kv_DCKH"][...].shape == (64, 2, 2, 8)
+    assert attn["w_kv_DCKH"][...].sharding.spec == P("fsdp", None, "tensor", None)
+    assert attn["w_q_DNH"][...].sharding.spec == P("fsdp", "tensor", None)
+    assert attn["b_kv_CKH"][...].sharding.spec == P(None, "tensor", None)
+    run = tmp_path / "run"
+    train(parse_args(tiny_args(corpus, run, 3, (8, 1, 1), *gqa))[0])
+    prompts = [[3, 5, 7], [9], [4, 4, 4, 4, 4], [11, 2]]
+    outs = {}
+    for sizes in ((1, 1, 1), (2, 2, 2)):
+        loaded = load_run(str(run), mesh=mesh_for(sizes))
+        outs[sizes] = generate(loaded.graphdef, loaded.params, prompts, max_new_tokens=8,
+                               max_len=loaded.cfg.model.max_len).tokens
+    assert outs[(2, 2, 2)] == outs[(1, 1, 1)]
+
+
 def test_decoding_moves_replicated_weights_onto_one_cpu_device():
     """The devices of a split CPU host share its cores: replicated weights are decoded with on one of them; weights
     sharded by fsdp stay where they are."""

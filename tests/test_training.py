@@ -249,8 +249,8 @@ def test_weight_decay_reaches_weight_matrices_and_tables_only(model_cfg):
     kept = {name(p) for p, u in jax.tree_util.tree_leaves_with_path(updates)} - moved
     matrices = {"w_qkv_DCNH", "w_o_NHD", "table_VD", "table_TD"}
     if model_cfg.arch == "encoder_decoder":
-        assert moved == matrices | {"w_q_DNH", "w_kv_DCNH", "w_in_DF", "w_out_FD"}
+        assert moved == matrices | {"w_q_DNH", "w_kv_DCKH", "w_in_DF", "w_out_FD"}
     else:
         assert moved == matrices | {"w_in_DCF", "w_out_FD", "segment_SD", "w_DD", "w_pool_DD", "w_out_DC"}
     assert kept == {"b_qkv_CNH", "b_o_D", "b_out_D", "scale_D", "bias_D"} | (
-        {"b_in_F"} if model_cfg.arch == "encoder_decoder" else {"b_D", "b_V", "b_pool_D", "b_out_C"})
+        {"b_in_F", "b_q_NH", "b_kv_CKH"} if model_cfg.arch == "encoder_decoder" else {"b_D", "b_V", "b_pool_D", "b_out_C"})

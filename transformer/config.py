@@ -4,8 +4,8 @@ Dimension legend used in tensor names across the package (a suffix names the axe
 the same letters):
 
     B batch         T query length     S key / cache length    D model width
-    N heads         H head dim         F feed-forward hidden   V vocab
-    L layers        C fused-projection index (q, k, v)
+    N heads         K kv heads         H head dim              F feed-forward hidden
+    V vocab         L layers           C fused-projection index (q, k, v)
 
 A `Config` is built from defaults, a preset in `configs/` and command-line overrides (see `transformer/cli.py`);
 `validate()` turns every inconsistent value into a `ConfigError` with a one-line message.
@@ -33,6 +33,10 @@ class ModelConfig:
     vocab_size: int = 0  # 0: taken from the tokenizer
     d_model: int = 128
     n_heads: int = 4
+    # Grouped-query attention: keys and values have this many heads, each shared by n_heads / n_kv_heads query
+    # heads (1: multi-query). 0: n_heads (plain multi-head attention).
+    n_kv_heads: int = 0
+    head_dim: int = 0  # 0: d_model / n_heads
     n_layers: int = 4  # the encoder's, for an encoder-decoder
     n_decoder_layers: int = 0  # encoder-decoder: 0 means n_layers
     scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (the original Transformer)
@@ -40,11 +44,20 @@ class ModelConfig:
     max_len: int = 64  # context length (the block size)
     positions: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
     rope_theta: float = 10_000.0
+    # Llama 3's rotary frequency scaling: wavelengths beyond original_max_len / low_freq_factor are stretched by
+    # factor, those under original_max_len / high_freq_factor kept, the band between interpolated. "none": plain.
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    sliding_window: int = 0  # > 0: a token attends to at most this many most recent tokens, itself included (Mistral)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_position: Literal["pre", "post"] = "pre"
     norm_eps: float = 1e-5
     activation: Literal["gelu", "gelu_exact", "relu", "swiglu"] = "gelu"  # gelu: tanh approximation (GPT-2)
-    use_bias: bool = False
+    use_bias: bool = False  # biases in every projection and LayerNorm
+    qkv_bias: bool = False  # biases in the q, k and v projections only (Qwen2)
     dropout: float = 0.0
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"  # activations; params and logits stay float32
@@ -63,7 +76,11 @@ class ModelConfig:
 
     @property
     def d_head(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def ff_dim(self) -> int:
@@ -173,7 +190,17 @@ class Config:
             raise ConfigError(f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0: no weight average)")
         if not 0.0 <= o.label_smoothing < 1.0:
             raise ConfigError(f"optim.label_smoothing={o.label_smoothing} must be in [0, 1)")
-        if m.d_model % m.n_heads:
+        if m.n_kv_heads < 0 or m.head_dim < 0 or m.sliding_window < 0:
+            raise ConfigError("model.n_kv_heads, model.head_dim and model.sliding_window must be >= 0 (0: off / "
+                              "automatic)")
+        if m.n_heads % m.kv_heads:
+            raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}: "
+                              "each key/value head serves an equal group of query heads")
+        if m.rope_scaling == "llama3" and not (m.rope_factor >= 1 and m.rope_high_freq_factor > m.rope_low_freq_factor
+                                               and m.rope_original_max_len > 0):
+            raise ConfigError("model.rope_scaling=llama3 needs rope_factor >= 1, rope_high_freq_factor > "
+                              "rope_low_freq_factor and rope_original_max_len > 0")
+        if not m.head_dim and m.d_model % m.n_heads:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                               "pick sizes so that d_head = d_model / n_heads is a whole number")
         if m.positions == "rotary" and m.d_head % 2:

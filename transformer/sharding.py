@@ -25,12 +25,14 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "embed": "fsdp",
     "heads": "tensor",
+    "kv_heads": "tensor",  # key/value heads of grouped-query attention (replicated where tensor does not divide them)
     "mlp": "tensor",
     "vocab": "tensor",
     "head_dim": None,
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",
+    "act_kv_heads": "tensor",
     "act_mlp": "tensor",
 }
 

@@ -105,7 +105,8 @@ def _prefill(graphdef, params, tokens_BP, valid_BP, cache_len: int):
     cache = model.init_cache(B, cache_len)
     slots_S = jnp.arange(cache_len)
     valid_BS = jnp.zeros((B, cache_len), bool).at[:, :P].set(valid_BP)
-    mask = (slots_S[None, None, None, :] <= jnp.arange(P)[None, None, :, None]) & padding_mask(valid_BS)
+    # Slots, not positions: a row's real tokens sit in consecutive slots, so slot distances are position distances.
+    mask = causal_mask(jnp.arange(P)[None], slots_S[None], model.cfg.sliding_window) & padding_mask(valid_BS)
     logits_BPV, cache = model(tokens_BP, positions_BT=_positions(valid_BP), mask_B1TS=mask, cache=cache,
                               cache_index=0)
     return logits_BPV[:, -1], cache
@@ -118,7 +119,7 @@ def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
     win_BT = jax.lax.dynamic_slice_in_dim(tokens_BL, start, max_len, axis=1)
     valid_BT = jax.lax.dynamic_slice_in_dim(valid_BL, start, max_len, axis=1)
     pos_BT = _positions(valid_BT)
-    mask = causal_mask(pos_BT, pos_BT) & padding_mask(valid_BT)
+    mask = causal_mask(pos_BT, pos_BT, model.cfg.sliding_window) & padding_mask(valid_BT)
     return model(win_BT, positions_BT=pos_BT, mask_B1TS=mask)[:, -1]
 
 
@@ -179,9 +180,8 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
         def cached(_):
             model = nnx.merge(graphdef, params)
             S = s["cache"][0]["v"].shape[2]
-            slots_S = jnp.arange(S)
             valid_BS = valid_BL[:, :S]
-            mask = (slots_S <= slot)[None, None, None, :] & padding_mask(valid_BS)
+            mask = causal_mask(slot[None, None], jnp.arange(S)[None], model.cfg.sliding_window) & padding_mask(valid_BS)
             logits_B1V, cache = model(token_B[:, None], positions_BT=(lengths_B - 1)[:, None], mask_B1TS=mask,
                                       cache=s["cache"], cache_index=slot)
             return logits_B1V[:, 0], cache

@@ -29,7 +29,8 @@ class DecoderLM(nnx.Module):
                  cache_index=None):
         """Next-token logits (float32).
 
-        Full forward by default: positions 0..T-1 and a causal mask. For decoding pass `cache` (from
+        Full forward by default: positions 0..T-1 and a causal mask (over the last `sliding_window` tokens when the
+        config has one). For decoding pass `cache` (from
         `init_cache`), the slot `cache_index` where these T tokens go, their `positions_BT`, and `mask_B1TS` over the
         cache slots; it then returns (logits, new_cache).
         """
@@ -38,7 +39,7 @@ class DecoderLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if mask_B1TS is None:
-            mask_B1TS = causal_mask(positions_BT, positions_BT)
+            mask_B1TS = causal_mask(positions_BT, positions_BT, cfg.sliding_window)
         keys = split_key(dropout_key, cfg.n_layers + 1)
         x_BTD = self.embed(tokens_BT, DTYPES[cfg.dtype])
         pos_BTD = self.positions(positions_BT)
@@ -69,9 +70,10 @@ def count_params(model: nnx.Module) -> int:
 def analytic_param_count(cfg: ModelConfig) -> int:
     """Closed-form parameter count of `DecoderLM(cfg)`; a test checks it against the built model."""
     D, F, V, L = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.n_layers
+    NH, KH = cfg.n_heads * cfg.d_head, cfg.kv_heads * cfg.d_head
     bias = cfg.use_bias
     norm = D * (2 if bias and cfg.norm == "layernorm" else 1)
-    attn = 4 * D * D + (4 * D if bias else 0)
+    attn = 2 * D * NH + 2 * D * KH + (NH + 2 * KH if bias or cfg.qkv_bias else 0) + (D if bias else 0)
     mlp = (3 if cfg.activation == "swiglu" else 2) * D * F
     if bias:
         mlp += D + (0 if cfg.activation == "swiglu" else F)

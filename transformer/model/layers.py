@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -205,11 +206,28 @@ class AbsolutePositions(nnx.Module):
         return None
 
 
-def rotary(x_BTNH, positions_BT, theta: float):
-    """Rotary position embedding (RoFormer), rotating the two halves of the head dim."""
-    H = x_BTNH.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotary angle per position of each pair of head dims (float32, H / 2 of them): theta^(-2i / H), stretched
+    for long wavelengths by Llama 3's scaling when `cfg.rope_scaling` asks for it. Computed in numpy at trace time,
+    in float32 the way the reference implementations compute it, so imported models rotate by the same angles."""
+    H = cfg.d_head
+    inv_freq = (1.0 / np.float32(cfg.rope_theta) ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))
+    inv_freq = inv_freq.astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        old = cfg.rope_original_max_len
+        low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv_freq
+        stretched = np.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        between = (1 - smooth) * stretched / cfg.rope_factor + smooth * stretched
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, between, stretched).astype(np.float32)
+    return inv_freq
+
+
+def rotary(x_BTNH, positions_BT, inv_freq_h):
+    """Rotary position embedding (RoFormer), rotating the two halves of the head dim by position * inv_freq_h."""
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_h, jnp.float32)
     sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
