@@ -12,7 +12,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from transformer.config import ConfigError
-from transformer.convert.hf import load_hf_encoder
+from transformer.convert.bert import load_hf_encoder
+from transformer.convert.hf import load_hf
 from transformer.data.tokenizer import HFTokenizer, load_tokenizer, save_tokenizer
 from transformer.infer.loading import load_run
 from transformer.model.encoder import EncoderLM, mean_pool
@@ -161,10 +162,11 @@ def test_unsupported_checkpoints_raise_config_error(tmp_path, change, message):
         load_hf_encoder(path)
 
 
-def test_gpt2_directory_and_missing_files_raise_config_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
-    with pytest.raises(ConfigError, match=r"^unsupported Hugging Face model_type 'gpt2': only BERT-family"):
-        load_hf_encoder(str(tmp_path))
+def test_unsupported_model_type_and_missing_files_raise_config_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 512}))
+    with pytest.raises(ConfigError, match=r"unsupported Hugging Face model_type 't5' in .*: supported are llama, "
+                                          r"mistral, qwen2, gpt2, bert, roberta, xlm-roberta$"):
+        load_hf(str(tmp_path))
     with pytest.raises(ConfigError, match="not found"):
         load_hf_encoder(str(tmp_path / "nowhere"))
     (tmp_path / "bert").mkdir()

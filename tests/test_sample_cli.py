@@ -66,7 +66,10 @@ def test_bad_inputs_are_one_line_errors(trained, args, fragment):
 
 def test_missing_and_half_written_run_dirs(tmp_path):
     out = run("sample.py", "--checkpoint", str(tmp_path / "nope"))
-    assert out.returncode == 2 and "not a run directory" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "nope not found: give a run directory" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = run("sample.py", "--checkpoint", str(tmp_path / "empty"))
+    assert out.returncode == 2 and "is not a run directory" in out.stderr and "Traceback" not in out.stderr
     half = tmp_path / "half"
     (half / "checkpoints" / "100.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save that never finished
     out = run("sample.py", "--checkpoint", str(half))

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import FAST_COMPILE
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,6 +22,7 @@ from transformer.cli import parse_args
 from transformer.config import ConfigError, MeshConfig
 from transformer.infer.loading import load_run
 from transformer.infer.sampling import generate
+from transformer.model import build_model
 from transformer.train import METRICS_FILE, build_state, train
 from transformer.train.step import make_steps
 
@@ -193,14 +195,12 @@ def test_grouped_query_model_trains_and_samples_sharded(corpus, tmp_path):
     assert attn["w_kv_DCKH"][...].sharding.spec == P("fsdp", None, "tensor", None)
     assert attn["w_q_DNH"][...].sharding.spec == P("fsdp", "tensor", None)
     assert attn["b_kv_CKH"][...].sharding.spec == P(None, "tensor", None)
-    run = tmp_path / "run"
-    train(parse_args(tiny_args(corpus, run, 3, (8, 1, 1), *gqa))[0])
+    graphdef = nnx.graphdef(build_model(cfg.model, nnx.Rngs(0)))
     prompts = [[3, 5, 7], [9], [4, 4, 4, 4, 4], [11, 2]]
-    outs = {}
-    for sizes in ((1, 1, 1), (2, 2, 2)):
-        loaded = load_run(str(run), mesh=mesh_for(sizes))
-        outs[sizes] = generate(loaded.graphdef, loaded.params, prompts, max_new_tokens=8,
-                               max_len=loaded.cfg.model.max_len).tokens
+    sharded = state["params"]  # on the 2x2x2 mesh
+    whole = jax.device_put(sharded, jax.devices()[0])
+    outs = {sizes: generate(graphdef, params, prompts, max_new_tokens=8, max_len=cfg.model.max_len).tokens
+            for sizes, params in (((1, 1, 1), whole), ((2, 2, 2), sharded))}
     assert outs[(2, 2, 2)] == outs[(1, 1, 1)]
 
 

@@ -1,1 +1,22 @@
-"""One module per outside checkpoint format, mapped onto this library's model families by name tables."""
+"""Outside formats: Hugging Face directories (convert/hf.py, with one name-mapping table per family: bert.py,
+llama.py, gpt2.py) and GGUF files (convert/gguf.py), imported wherever a run directory is accepted, and decoders
+exported back to Hugging Face (convert/export.py)."""
+from __future__ import annotations
+
+import os
+
+from transformer.convert.gguf import is_gguf, load_gguf
+from transformer.convert.hf import is_hf_dir, load_hf
+from transformer.convert.mapping import Pretrained
+
+
+def is_pretrained(path: str) -> bool:
+    """A Hugging Face model directory or a GGUF file (rather than a run directory of ours)."""
+    return is_gguf(path) or (os.path.isdir(path) and is_hf_dir(path))
+
+
+def load_pretrained(path: str) -> Pretrained:
+    return load_gguf(path) if is_gguf(path) else load_hf(path)
+
+
+__all__ = ["Pretrained", "is_pretrained", "load_pretrained"]

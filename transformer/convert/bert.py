@@ -1,5 +1,5 @@
-"""Import a Hugging Face BERT-family model directory (config.json + model.safetensors + tokenizer.json) into an
-`EncoderLM`: the config, the params as an nnx.State, and the tokenizer.
+"""The BERT family (model types bert, roberta, xlm-roberta): a Hugging Face directory (config.json +
+model.safetensors + tokenizer.json) as an `EncoderLM`: the config, the params as an nnx.State, and the tokenizer.
 
 BERT and RoBERTa (also XLM-RoBERTa) share one layout: learned positions + segment embeddings + a norm, then post-norm
 blocks. Torch `Linear` weights are stored [out, in], so every one is transposed to our [in, out]; q, k, v are fused
@@ -10,20 +10,16 @@ at row 0. Anything this mapping cannot represent (relative positions, an untied 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
-import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", so bf16 safetensors load through the numpy API)
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from transformer.config import ConfigError, ModelConfig
+from transformer.convert.hf_files import TOKENIZER_FILE, read_hf_config, read_tensors
 from transformer.data.tokenizer import HFTokenizer
 from transformer.model.encoder import EncoderLM, MLMHead
-
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
 
 def _after_pad(hf: dict) -> int:
@@ -39,26 +35,6 @@ ACTIVATION = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "ge
 PREFIXES = ("", "bert.", "roberta.")
 # Not weights of our model: a buffer, BERT's next-sentence head, and the pooler when there is no classifier on it.
 IGNORED = ("embeddings.position_ids", "cls.seq_relationship.", "pooler.dense.")
-
-
-def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, WEIGHTS_FILE))
-
-
-def read_hf_config(path: str) -> dict:
-    if not os.path.isdir(path):
-        raise ConfigError(f"Hugging Face model directory {path} not found")
-    file = os.path.join(path, CONFIG_FILE)
-    if not os.path.isfile(file):
-        raise ConfigError(f"{path} is not a Hugging Face model directory ({CONFIG_FILE} not found)")
-    try:
-        with open(file) as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{file} is unreadable ({e})") from None
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{file} is not a JSON object")
-    return hf
 
 
 def model_config(hf: dict, n_classes: int = 0) -> ModelConfig:
@@ -100,16 +76,11 @@ def model_config(hf: dict, n_classes: int = 0) -> ModelConfig:
 class _Tensors:
     """The checkpoint's tensors, each checked against the shape the config implies; remembers which were used."""
 
-    def __init__(self, file: str):
-        try:
-            with safe_open(file, framework="numpy") as f:
-                self.arrays = {_canonical(k): f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for a damaged header or an unknown dtype
-            raise ConfigError(f"{file} is not a readable safetensors file ({type(e).__name__}: "
-                              f"{str(e).strip()[:200]})") from None
+    def __init__(self, tensors: dict):
+        self.arrays = {_canonical(k): v for k, v in tensors.items()}
         self.prefix = next((p for p in PREFIXES if f"{p}embeddings.word_embeddings.weight" in self.arrays), None)
         if self.prefix is None:
-            raise ConfigError(f"{file} holds no BERT-family encoder (no embeddings.word_embeddings.weight)")
+            raise ConfigError("the checkpoint holds no BERT-family encoder (no embeddings.word_embeddings.weight)")
         self.used = {k for k in self.arrays if any(part in k for part in IGNORED)}
 
     def key(self, name: str, body: bool) -> str:
@@ -221,10 +192,9 @@ def load_hf_encoder(path: str, seed: int = 0) -> tuple[ModelConfig, nnx.State, H
     path = os.fspath(path)
     hf = read_hf_config(path)
     model_config(hf)  # the architecture is checked before the weights are read
-    for name in (WEIGHTS_FILE, TOKENIZER_FILE):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise ConfigError(f"{path} has no {name}; this importer reads exactly {WEIGHTS_FILE} and {TOKENIZER_FILE}")
-    t = _Tensors(os.path.join(path, WEIGHTS_FILE))
+    if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+        raise ConfigError(f"{path} has no {TOKENIZER_FILE}; only directories with a fast (tokenizers) tokenizer load")
+    t = _Tensors(read_tensors(path))
     cfg = model_config(hf, n_classes=_n_classes(t))
     encoder = _encoder(t, cfg, POSITION_OFFSET[hf["model_type"]](hf))
     head = _classifier(t, cfg)

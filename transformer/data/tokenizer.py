@@ -63,6 +63,13 @@ class CharTokenizer:
     def to_json(self) -> dict:
         return {"type": "char", "chars": self.chars}
 
+    def to_hf(self) -> "HFTokenizer":
+        """The same tokenizer as a Hugging Face tokenizer.json (for export): a BPE model with one token per character
+        and no merges splits any text into its characters, and the Fuse decoder joins them back."""
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(self.chars)}, []))
+        tok.decoder = tokenizers.decoders.Fuse()
+        return HFTokenizer(tok.to_str())
+
 
 class SentencePieceTokenizer:
     """A sentencepiece model held as its serialised proto (so it round-trips through JSON without a file).
@@ -153,7 +160,7 @@ def tokenizer_from_json(d: dict) -> Tokenizer:
     if kind == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(d["model"], validate=True))
     if kind == "huggingface":
-        return HFTokenizer(d["tokenizer_json"])
+        return HFTokenizer(d["tokenizer_json"], **{k: d[k] for k in HFTokenizer.EXTRAS if d.get(k) is not None})
     raise ConfigError(f"unknown tokenizer type {kind!r}")
 
 
@@ -205,18 +212,22 @@ def _reason(e: Exception) -> str:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizer.json` (WordPiece for BERT, byte-level BPE for RoBERTa) run by the `tokenizers`
-    package, held as the JSON text so it round-trips through `to_json` like the others.
+    """A Hugging Face `tokenizer.json` (WordPiece for BERT, byte-level BPE for GPT-2 / Llama / Qwen) run by the
+    `tokenizers` package, held as the JSON text so it round-trips through `to_json` like the others, with what
+    tokenizer_config.json adds: the bos / eos / pad tokens, the chat template, and the ids that end a reply.
 
-    `encode` adds the special tokens the file's post-processor adds ([CLS] text [SEP] for BERT) and never pads or
-    truncates: the padding / truncation settings stored in the file are for batched HF pipelines, and callers here
-    pad and check lengths themselves. [CLS] / [SEP] open and close every sequence, so they double as bos / eos.
+    `encode` adds the special tokens the file's post-processor adds ([CLS] text [SEP] for BERT, <s> for Llama) and
+    never pads or truncates: the padding / truncation settings stored in the file are for batched HF pipelines, and
+    callers here pad and check lengths themselves. Without explicit bos / eos tokens, [CLS] / [SEP] (<s> / </s>)
+    play those parts, as they open and close every BERT sequence.
     """
 
     SPECIALS = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "mask": ("[MASK]", "<mask>"),
                 "pad": ("[PAD]", "<pad>")}
+    EXTRAS = ("bos", "eos", "pad", "chat_template", "stop_ids")
 
-    def __init__(self, tokenizer_json: str):
+    def __init__(self, tokenizer_json: str, *, bos: str | None = None, eos: str | None = None,
+                 pad: str | None = None, chat_template: str | None = None, stop_ids=()):
         self._json = tokenizer_json
         try:
             self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
@@ -224,6 +235,12 @@ class HFTokenizer:
             raise ConfigError(f"not a valid Hugging Face tokenizer.json ({first_line(e)})") from None
         self._tok.no_padding()
         self._tok.no_truncation()
+        self.bos, self.eos, self.pad = bos, eos, pad
+        self.chat_template = chat_template
+        self._stop_ids = [int(i) for i in stop_ids]
+        for kind, token in (("bos", bos), ("eos", eos), ("pad", pad)):
+            if token is not None and self._tok.token_to_id(token) is None:
+                raise ConfigError(f"the {kind} token {token!r} is not in the vocabulary")
 
     @classmethod
     def from_file(cls, path: str) -> "HFTokenizer":
@@ -237,8 +254,18 @@ class HFTokenizer:
             raise ConfigError(f"{path}: {e}") from None
 
     @property
+    def tokenizer_json(self) -> str:
+        return self._json
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
 
     def _special(self, kind: str) -> int | None:
         return next((i for i in map(self._tok.token_to_id, self.SPECIALS[kind]) if i is not None), None)
@@ -257,9 +284,21 @@ class HFTokenizer:
 
     @property
     def pad_id(self) -> int | None:
-        return self._special("pad")
+        return self._tok.token_to_id(self.pad) if self.pad is not None else self._special("pad")
 
-    bos_id, eos_id = cls_id, sep_id
+    @property
+    def bos_id(self) -> int | None:
+        return self._tok.token_to_id(self.bos) if self.bos is not None else self.cls_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._tok.token_to_id(self.eos) if self.eos is not None else self.sep_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a reply: the eos token and any other the model's generation config names."""
+        ids = ([self.eos_id] if self.eos_id is not None else []) + self._stop_ids
+        return sorted(set(ids))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
@@ -268,7 +307,19 @@ class HFTokenizer:
         return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
 
     def to_json(self) -> dict:
-        return {"type": "huggingface", "tokenizer_json": self._json}
+        extras = {"bos": self.bos, "eos": self.eos, "pad": self.pad, "chat_template": self.chat_template,
+                  "stop_ids": self._stop_ids}
+        return {"type": "huggingface", "tokenizer_json": self._json, **{k: v for k, v in extras.items() if v}}
+
+    def tokenizer_config(self) -> dict:
+        """tokenizer_config.json for an exported directory."""
+        out = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for kind in ("bos", "eos", "pad"):
+            if getattr(self, kind) is not None:
+                out[f"{kind}_token"] = getattr(self, kind)
+        if self.chat_template:
+            out["chat_template"] = self.chat_template
+        return out
 
 
 Tokenizer = CharTokenizer | SentencePieceTokenizer | HFTokenizer  # noqa: F811  (extends the union above)

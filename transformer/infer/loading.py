@@ -1,5 +1,5 @@
 """Load a trained run directory for inference: config, tokenizer and params from one checkpoint, nothing else.
-A Hugging Face BERT-family directory (config.json + model.safetensors, see `convert/hf.py`) loads the same way."""
+A pretrained model (a Hugging Face directory or a GGUF file, see `convert/`) loads the same way."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from flax import nnx
 from transformer import sharding
 from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
 from transformer.config import Config, ConfigError, MeshConfig, first_line
-from transformer.convert.hf import is_hf_dir, load_hf_encoder
+from transformer.convert import is_pretrained, load_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
 from transformer.model import build_model
 
@@ -35,12 +35,15 @@ class LoadedRun:
 
 def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
     """Restore the params of `step` (default: the latest) onto `mesh` (default: all local devices, data-parallel).
-    A Hugging Face model directory (no checkpoints/, but config.json + model.safetensors) is imported instead."""
+    A pretrained model (a Hugging Face directory, a .gguf file) is imported instead."""
     if not os.path.isdir(os.path.join(run_dir, CKPT_DIR)):
-        if is_hf_dir(run_dir):
-            return _load_hf(run_dir, step, mesh)
-        raise ConfigError(f"{run_dir} is not a run directory (no {CKPT_DIR}/ inside); train one with "
-                          f"train.py --train.run_dir={run_dir}")
+        if is_pretrained(run_dir):
+            return _load_pretrained(run_dir, step, mesh)
+        if not os.path.exists(run_dir):
+            raise ConfigError(f"{run_dir} not found: give a run directory, a Hugging Face model directory or a "
+                              ".gguf file")
+        raise ConfigError(f"{run_dir} is not a run directory (no {CKPT_DIR}/ inside), a Hugging Face model "
+                          f"directory or a GGUF file; train one with train.py --train.run_dir={run_dir}")
     ckpt = Checkpointer(run_dir, read_only=True)
     try:
         steps = ckpt.all_steps()
@@ -74,13 +77,15 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
     return LoadedRun(cfg, tok, graphdef, params, step, meta.get("labels"))
 
 
-def _load_hf(path: str, step: int | None, mesh) -> LoadedRun:
-    """An imported Hugging Face encoder as a LoadedRun at step 0, its params laid out on `mesh` like a checkpoint's."""
+def _load_pretrained(path: str, step: int | None, mesh) -> LoadedRun:
+    """An imported model as a LoadedRun at step 0, its params laid out on `mesh` like a checkpoint's."""
     if step is not None:
-        raise ConfigError(f"{path} is a Hugging Face model directory: it has no checkpoint steps (drop --step)")
-    model_cfg, params, tok = load_hf_encoder(path)
-    cfg = Config(model=model_cfg, preset="hf").validate()
+        raise ConfigError(f"{path} is a pretrained model, not a run directory: it has no checkpoint steps (drop "
+                          "--step)")
+    pre = load_pretrained(path)
+    cfg = Config(model=pre.cfg, preset=pre.source).validate()
     mesh = mesh or sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0))), nnx.Param)
-    params = jax.device_put(params, sharding.tree_shardings(abstract, mesh))
-    return LoadedRun(cfg, tok, graphdef, params, 0)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(pre.cfg, nnx.Rngs(0))), nnx.Param)
+    nnx.replace_by_pure_dict(params, pre.params)
+    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    return LoadedRun(cfg, pre.tokenizer, graphdef, params, 0)

@@ -1,0 +1,184 @@
+"""Import a GGUF file (llama.cpp's format; llama architecture): the model config from its metadata, its tensors
+dequantised to float32 by the `gguf` package and renamed to Hugging Face's Llama names (so convert/llama.py's table
+maps them), and its byte-level BPE tokenizer rebuilt with `tokenizers` from the file's tokens and merges, with its
+chat template and special tokens.
+
+llama.cpp's converter reorders the rows of each head of the q and k projections from the two-halves rotary layout
+(rotate x[:H/2] with x[H/2:], Hugging Face's and ours) to interleaved pairs (rotate x[2i] with x[2i+1]); `_unpermute`
+puts them back, which the parity tests against transformers' own GGUF loader check.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+
+from transformer.config import ConfigError, first_line
+from transformer.convert import llama
+from transformer.convert.gguf_file import TensorInfo, read_gguf
+from transformer.convert.hf import import_decoder
+from transformer.convert.mapping import Pretrained
+from transformer.data.tokenizer import HFTokenizer
+
+ARCHITECTURES = ("llama",)
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K")
+# GGUF tensor name -> Hugging Face Llama name ({i}: the layer)
+NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+         "output.weight": "lm_head.weight"}
+LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+# How text is split before BPE, by the file's tokenizer.ggml.pre (llama.cpp's names for the pre-tokenizers).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(use_regex: bool = True):
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+
+
+PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(),
+    "gpt-2": lambda: _byte_level(),
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()]),
+    "llama-bpe": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"), _byte_level(False)]),
+}
+CONTROL, USER_DEFINED = 3, 4  # token types
+
+
+def is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+class _Fields:
+    def __init__(self, meta: dict, path: str):
+        self.meta, self.path = meta, path
+
+    def get(self, key: str, default=None):
+        return self.meta.get(key, default)
+
+    def need(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise ConfigError(f"{self.path}: GGUF metadata {key!r} is missing")
+        return value
+
+
+def hf_config(f: _Fields, tensor_names: set[str]) -> dict:
+    arch = f.need("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"{f.path}: unsupported GGUF architecture {arch!r} (supported: "
+                          f"{', '.join(ARCHITECTURES)})")
+    if "rope_freqs.weight" in tensor_names or f.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
+        raise ConfigError(f"{f.path}: rotary frequency scaling stored in a GGUF file is not supported; import the "
+                          "model's Hugging Face directory instead")
+    if f.get(f"{arch}.rope.scaling.type") == "linear" and f.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0:
+        raise ConfigError(f"{f.path}: linear rotary scaling is not supported")
+    n_heads = int(f.need(f"{arch}.attention.head_count"))
+    D = int(f.need(f"{arch}.embedding_length"))
+    tokens = f.get("tokenizer.ggml.tokens") or []
+    return {"model_type": "llama", "hidden_size": D, "num_attention_heads": n_heads,
+            "num_key_value_heads": int(f.get(f"{arch}.attention.head_count_kv", n_heads)),
+            "head_dim": int(f.get(f"{arch}.attention.key_length", D // n_heads)),
+            "num_hidden_layers": int(f.need(f"{arch}.block_count")),
+            "intermediate_size": int(f.need(f"{arch}.feed_forward_length")),
+            "max_position_embeddings": int(f.get(f"{arch}.context_length", 2048)),
+            "rms_norm_eps": float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(f.get(f"{arch}.rope.freq_base", 10_000.0)),
+            "vocab_size": int(f.get(f"{arch}.vocab_size", len(tokens))),
+            "tie_word_embeddings": "output.weight" not in tensor_names}
+
+
+def _hf_name(name: str) -> str:
+    if name in NAMES:
+        return NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return name  # left as it is: the import reports it as a tensor the model does not account for
+
+
+def _unpermute(w, n_heads: int):
+    """Rows of each head from llama.cpp's interleaved rotary pairs back to the two-halves layout."""
+    rows = w.shape[0]
+    H = rows // n_heads
+    return w.reshape(n_heads, H // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_tensors(infos: list[TensorInfo], path: str, hf: dict) -> dict[str, np.ndarray]:
+    from gguf import GGMLQuantizationType, quants
+
+    out = {}
+    for t in infos:
+        qtype = GGMLQuantizationType(t.type_id)
+        kind = qtype.name
+        if kind not in TENSOR_TYPES:
+            raise ConfigError(f"{path}: tensor {t.name} is {kind}, which this importer does not read (supported: "
+                              f"{', '.join(TENSOR_TYPES)})")
+        try:
+            w = np.asarray(quants.dequantize(t.data, qtype), np.float32)
+        except Exception as e:  # a damaged block fails inside gguf's numpy code
+            raise ConfigError(f"{path}: tensor {t.name} could not be dequantised ({first_line(e)[:120]})") from None
+        w = w.reshape(t.shape)
+        name = _hf_name(t.name)
+        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+            w = _unpermute(w, hf["num_attention_heads"])
+        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+            w = _unpermute(w, hf["num_key_value_heads"])
+        out[name] = w
+    return out
+
+
+def read_tokenizer(f: _Fields) -> HFTokenizer:
+    kind = f.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ConfigError(f"{f.path}: unsupported GGUF tokenizer {kind!r} (supported: 'gpt2', byte-level BPE)")
+    pre = f.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ConfigError(f"{f.path}: unsupported GGUF pre-tokenizer {pre!r} (supported: "
+                          f"{', '.join(PRE_TOKENIZERS)})")
+    tokens = list(f.need("tokenizer.ggml.tokens"))
+    types = list(f.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges") or []]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
+                    for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
+
+    def token(key):
+        i = f.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    if f.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    stop_ids = [int(f.get(k)) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                if f.get(k) is not None]
+    return HFTokenizer(tok.to_str(), bos=bos, eos=eos, pad=token("tokenizer.ggml.padding_token_id"),
+                       chat_template=f.get("tokenizer.chat_template"), stop_ids=stop_ids)
+
+
+def load_gguf(path: str) -> Pretrained:
+    """A GGUF file as (config, params, tokenizer)."""
+    path = os.fspath(path)
+    meta, infos = read_gguf(path)
+    f = _Fields(meta, path)
+    hf = hf_config(f, {t.name for t in infos})
+    llama.model_config(hf)
+    tok = read_tokenizer(f)
+    tensors = read_tensors(infos, path, hf)
+    cfg, params = import_decoder(llama, hf, tensors, f"{path} (GGUF)")
+    return Pretrained(cfg, params, tok, "gguf:llama")
