@@ -6,6 +6,12 @@ refused (one line, exit code 2) rather than ignored.
     python sample.py --checkpoint runs/shakespeare_char --prompt "ROMEO:" --num-samples 3 --top-k 40 --temperature 0.8
     echo "KING:" | python sample.py --checkpoint runs/shakespeare_char --greedy --max-new-tokens 200
 
+Pretrained models (a Hugging Face directory or a .gguf file) load the same way; --chat talks through the model's
+own chat template (interactive on a terminal, one user turn per line of piped stdin):
+
+    python sample.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --chat --system "You are a terse assistant."
+    echo "What is the capital of France?" | python sample.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --chat
+
 Encoder-decoder runs (translation; beam search with --beam 4 by default, --beam 1 for greedy):
 
     python sample.py --checkpoint runs/multi30k_de_en --source "Ein Mann fährt Fahrrad."
@@ -20,7 +26,7 @@ Encoder runs (model.arch=encoder, or a Hugging Face BERT-family directory given 
 import argparse
 import sys
 
-from transformer.cli import die, quiet_jax_logs
+from transformer.cli import die, persistent_compilation_cache, quiet_jax_logs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse(ap, argv):
-    ap.add_argument("--checkpoint", required=True, help="run directory written by train.py")
+    ap.add_argument("--checkpoint", required=True,
+                    help="run directory written by train.py, a Hugging Face model directory or a .gguf file")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: stdin when piped, else a newline)")
@@ -47,7 +54,14 @@ def parse(ap, argv):
     ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 keeps all")
+    ap.add_argument("--min-p", type=float, default=0.0,
+                    help="keep tokens at least this fraction as likely as the best one; 0 keeps all")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="divide (positive) logits of tokens already in the context by this; 1 is off")
     ap.add_argument("--greedy", action="store_true", help="argmax decoding (same as --temperature 0)")
+    ap.add_argument("--chat", action="store_true",
+                    help="decoders with a chat template: a conversation (interactive, or one turn per stdin line)")
+    ap.add_argument("--system", metavar="TEXT", help="--chat: the system prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop", action="append", default=[], help="stop a sample at this text (repeatable)")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -65,6 +79,14 @@ def parse(ap, argv):
         die("--max-new-tokens and --num-samples must be >= 1")
     if args.beam < 1:
         die(f"--beam={args.beam} must be >= 1")
+    if not 0.0 <= args.min_p < 1.0:
+        die(f"--min-p={args.min_p} must be in [0, 1)")
+    if args.repetition_penalty <= 0:
+        die(f"--repetition-penalty={args.repetition_penalty} must be > 0 (1 is off)")
+    if args.system is not None and not args.chat:
+        die("--system needs --chat")
+    if args.chat and (args.prompt is not None or args.prompt_file or args.num_samples != 1):
+        die("--chat takes its turns from the terminal or stdin: drop --prompt / --prompt-file / --num-samples")
     return args
 
 
@@ -72,7 +94,7 @@ def parse(ap, argv):
 COMMON = {"checkpoint", "step"}
 APPLIES = {
     "decoder": {"prompt", "prompt_file", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
-                "seed", "stop", "stream", "window"},
+                "seed", "stop", "stream", "window", "min_p", "repetition_penalty", "chat", "system"},
     "encoder_decoder": {"source", "source_file", "beam", "length_penalty", "max_new_tokens", "temperature", "top_k",
                         "top_p", "greedy", "seed"},
     "encoder": {"fill_mask", "classify", "embed", "top_k"},
@@ -170,12 +192,62 @@ def encoder_main(args, run) -> int:
     return 0
 
 
+def sampler_of(args):
+    from transformer.infer.sampling import Sampler
+
+    return Sampler(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.min_p,
+                   args.repetition_penalty)
+
+
+def chat_main(args, run) -> int:
+    """A conversation through the model's chat template: each user turn and the replies so far are re-rendered
+    whole, so the template decides every separator; the reply streams as it is generated."""
+    import jax
+
+    from transformer.config import ConfigError
+    from transformer.infer import chat
+
+    if not chat.has_chat_template(run.tokenizer):
+        die(f"{args.checkpoint} has no chat template (tokenizer_config.json's chat_template, or the GGUF file's "
+            "tokenizer.chat_template); prompt it with --prompt instead of --chat")
+    interactive = sys.stdin.isatty()
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    turns = None if interactive else [line for line in sys.stdin.read().splitlines() if line.strip()]
+    sampler = sampler_of(args)
+    for n in range(10 ** 9):
+        if interactive:
+            try:
+                user = input("> ")
+            except EOFError:
+                print()
+                return 0
+            if not user.strip():
+                return 0
+        else:
+            if n >= len(turns):
+                return 0
+            user = turns[n]
+        messages.append({"role": "user", "content": user})
+        write = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
+        try:
+            text = chat.reply(run, messages, sampler, max_new_tokens=args.max_new_tokens,
+                              key=jax.random.fold_in(jax.random.key(args.seed), n), on_text=write)
+        except ConfigError as e:
+            die(str(e))
+        print() if stream else print(text)
+        messages.append({"role": "assistant", "content": text})
+    return 0
+
+
 def decoder_main(args, run) -> int:
     import jax
 
     from transformer.config import ConfigError
-    from transformer.infer.sampling import Sampler, generate
+    from transformer.infer.sampling import generate
 
+    if args.chat:
+        return chat_main(args, run)
     prompt = read_prompt(args)
     tok = run.tokenizer
     max_len = run.cfg.model.max_len
@@ -188,7 +260,7 @@ def decoder_main(args, run) -> int:
     except ConfigError as e:
         die(str(e))
 
-    sampler = Sampler(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    sampler = sampler_of(args)
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     stream = stream and args.num_samples == 1
 
@@ -224,6 +296,7 @@ def main(argv) -> int:
     ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parse(ap, argv)
     quiet_jax_logs()
+    persistent_compilation_cache()
     from transformer.config import ConfigError
     from transformer.infer.loading import load_run
 

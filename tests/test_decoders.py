@@ -164,3 +164,57 @@ def test_bad_gguf_files_are_one_line_config_errors(tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"GGUF" + b"\x07\x00\x00\x00" + b"\x00" * 16)
     with pytest.raises(ConfigError, match=r"GGUF version 7 is not supported"):
         load_gguf(str(tmp_path / "fake.gguf"))
+
+
+# --- chat, streaming, the export command ---------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, stdin=None):
+    import subprocess
+    import sys
+
+    from conftest import FAST_COMPILE
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, input=stdin,
+                          cwd=REPO, timeout=300)
+
+
+def test_streaming_never_prints_half_a_character(ref):
+    from transformer.data.tokenizer import HFTokenizer
+    from transformer.infer.chat import TextStream
+
+    tok = HFTokenizer(str(ref["tokenizer"]))
+    text = "Grüße 😀🎉 日本語 and € signs"
+    ids = tok.encode(text).tolist()
+    assert "\ufffd" in tok.decode(ids[:ids.index(tok.encode("😀").tolist()[0]) + 1])  # a piece ends mid-character
+    stream = TextStream(tok)
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == text
+
+
+def test_chat_turns_from_stdin_and_the_bad_chat_inputs(tmp_path, ref):
+    path = write_tiny(tmp_path / "llama", ref, "llama")
+    out = cli("sample.py", "--checkpoint", path, "--chat", "--greedy", "--max-new-tokens", "6",
+              "--system", "Be brief.", stdin="the cat sat\non the mat\n")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 2  # one reply per turn
+    os.remove(os.path.join(path, "tokenizer_config.json"))  # no chat template any more
+    out = cli("sample.py", "--checkpoint", path, "--chat", stdin="hi\n")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "has no chat template" in out.stderr
+    out = cli("sample.py", "--checkpoint", path, "--system", "x", "--prompt", "the")
+    assert out.returncode == 2 and "--system needs --chat" in out.stderr
+
+
+def test_export_command_writes_a_directory_once(tmp_path, ref):
+    src = write_tiny(tmp_path / "qwen2", ref, "qwen2")
+    out_dir = str(tmp_path / "exported")
+    out = cli("-m", "transformer.export", src, out_dir)
+    assert out.returncode == 0 and "a qwen2 model" in out.stdout, out.stderr
+    before = sorted(os.listdir(out_dir))
+    again = cli("-m", "transformer.export", src, out_dir)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+    assert sorted(os.listdir(out_dir)) == before  # nothing touched
+    assert before == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                      "tokenizer_config.json"]

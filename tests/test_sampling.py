@@ -7,7 +7,15 @@ import pytest
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.infer.sampling import Sampler, generate, top_k_filter, top_p_filter
+from transformer.infer.sampling import (
+    Sampler,
+    generate,
+    min_p_filter,
+    repetition_penalty_filter,
+    seen_tokens,
+    top_k_filter,
+    top_p_filter,
+)
 from transformer.model import DecoderLM
 from transformer.model.attention import causal_mask, padding_mask
 
@@ -227,3 +235,34 @@ def test_masks_compose():
     pos = jnp.array([[0, 1, 2]])
     m = causal_mask(pos, pos) & padding_mask(jnp.array([[False, True, True]]))
     assert np.asarray(m)[0, 0].tolist() == [[False, False, False], [False, True, False], [False, True, True]]
+
+
+def test_min_p_hand_computed_case():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: np.isfinite(np.asarray(min_p_filter(logits, p)))[0].tolist()  # noqa: E731
+    assert kept(0.2) == [True, True, True, False]  # cut at 0.2 * 0.5 = 0.1
+    assert kept(0.5) == [True, True, False, False]  # cut at 0.25
+    assert kept(0.0) == [True] * 4
+
+
+def test_repetition_penalty_hand_computed_case():
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]])
+    seen = jnp.array([[True, True, False, False]])
+    np.testing.assert_allclose(repetition_penalty_filter(logits, seen, 2.0), [[1.0, -2.0, 0.5, 3.0]])
+    assert seen_tokens(jnp.array([[3, 0, 3]]), jnp.array([[True, False, True]]), 5).tolist() == [
+        [False, False, False, True, False]]  # only valid tokens count
+
+
+def test_greedy_with_repetition_penalty_equals_the_penalised_argmax_loop():
+    model, graphdef, state = split()
+    prompt, penalty = [3, 1, 4, 1, 5], 1.8
+    out = generate(graphdef, state, [prompt], max_new_tokens=9, max_len=16,
+                   sampler=Sampler(0.0, repetition_penalty=penalty)).tokens[0]
+    plain = generate(graphdef, state, [prompt], max_new_tokens=9, max_len=16, sampler=Sampler(0.0)).tokens[0]
+    seq = list(prompt)
+    for _ in range(9):
+        logits = np.asarray(model(jnp.asarray([seq]))[0, -1])
+        seen = np.isin(np.arange(len(logits)), seq)
+        logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
+        seq.append(int(np.argmax(logits)))
+    assert out == seq[len(prompt):] and out != plain

@@ -1,6 +1,6 @@
 """Outside formats: Hugging Face directories (convert/hf.py, with one name-mapping table per family: bert.py,
 llama.py, gpt2.py) and GGUF files (convert/gguf.py), imported wherever a run directory is accepted, and decoders
-exported back to Hugging Face (convert/export.py)."""
+exported back to Hugging Face (export_hf in convert/hf.py; the command: python -m transformer.export)."""
 from __future__ import annotations
 
 import os

@@ -71,3 +71,28 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         new, self.shown = text[self.shown:], len(text)
         return new
+
+
+def reply(run, messages: list[dict], sampler, *, max_new_tokens: int, key, on_text=None) -> str:
+    """The assistant's next turn: the conversation rendered by the chat template, then tokens until one of the
+    tokens that end a turn (the tokenizer's eos and the generation config's), `max_new_tokens`, or the context.
+    `on_text` receives the reply as it streams, never half a character."""
+    from transformer.infer.sampling import generate
+
+    tok = run.tokenizer
+    ids = tok.encode(render_chat(tok, messages), add_special_tokens=False).tolist()
+    stops = [i for i in tok.stop_ids if i != tok.eos_id]
+    stream = TextStream(tok)
+
+    def on_tokens(rows):
+        if on_text is not None:
+            on_text(stream.push([i for i in rows[0] if i not in tok.stop_ids]))
+
+    out = generate(run.graphdef, run.params, [ids], max_new_tokens=max_new_tokens, max_len=run.cfg.model.max_len,
+                   sampler=sampler, key=key, eos_id=tok.eos_id, pad_id=tok.pad_id or 0,
+                   stop_sequences=[[i] for i in stops], chunk=4 if on_text else None,
+                   on_tokens=on_tokens if on_text else None)
+    tokens = [i for i in out.tokens[0] if i not in tok.stop_ids]
+    if on_text is not None:
+        on_text(stream.flush() if tokens == stream.ids else "")
+    return tok.decode(tokens).strip()

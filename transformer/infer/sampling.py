@@ -1,6 +1,7 @@
 """Token sampling and generation with an explicit KV cache.
 
-Filters are pure `logits_BV -> logits_BV` functions, applied in the usual order: temperature, then top-k, then top-p.
+Filters are pure `logits_BV -> logits_BV` functions, applied in the usual order: the repetition penalty (on the raw
+logits), then temperature, top-k, top-p and min-p.
 `generate()` left-pads a batch of prompts so that every row ends at the same cache slot, runs one batched prefill,
 then a `lax.while_loop` of single-token decode steps until `max_new_tokens` or until every row has finished (EOS or a
 stop sequence). When a row would outgrow the model's context, generation continues on a sliding window: each step then
@@ -55,12 +56,41 @@ def top_p_filter(logits_BV, p: float):
     return jnp.where(logits_BV < threshold_B1, FILTERED, logits_BV)
 
 
+def min_p_filter(logits_BV, p: float):
+    """Keep the tokens whose probability is at least p times the most likely token's (min-p sampling); p <= 0 keeps
+    all. Scale-free: the cut follows the model's confidence, tight when one token dominates, loose when many tie."""
+    if p <= 0.0:
+        return logits_BV
+    # p(token) >= p * p(best)  <=>  logit >= best logit + log p  (the softmax normaliser cancels)
+    threshold_B1 = jnp.max(logits_BV, axis=-1, keepdims=True) + jnp.log(p)
+    return jnp.where(logits_BV < threshold_B1, FILTERED, logits_BV)
+
+
+def repetition_penalty_filter(logits_BV, seen_BV, penalty: float):
+    """Make every token already in the context (`seen_BV`) less likely: a positive logit divided by `penalty`, a
+    negative one multiplied by it (the CTRL paper's rule, as transformers applies it); 1 changes nothing."""
+    if penalty == 1.0:
+        return logits_BV
+    penalised = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(seen_BV, penalised, logits_BV)
+
+
+def seen_tokens(tokens_BL, valid_BL, vocab: int):
+    """(B, V) booleans: which ids occur among each row's valid tokens."""
+    B = tokens_BL.shape[0]
+    rows_BL = jnp.broadcast_to(jnp.arange(B)[:, None], tokens_BL.shape)
+    return jnp.zeros((B, vocab), bool).at[rows_BL, jnp.clip(tokens_BL, 0, vocab - 1)].max(valid_BL)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 means greedy (argmax); top_k 0, top_p 1, min_p 0 and repetition_penalty 1 switch those filters
+    off. The repetition penalty applies to greedy decoding too."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -69,20 +99,30 @@ class Sampler:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def filter(self, logits_BV):
+    def filter(self, logits_BV, seen_BV=None):
+        if seen_BV is not None:
+            logits_BV = repetition_penalty_filter(logits_BV, seen_BV, self.repetition_penalty)
         logits_BV = temperature_filter(logits_BV, self.temperature)
-        return top_p_filter(top_k_filter(logits_BV, self.top_k), self.top_p)
+        logits_BV = top_p_filter(top_k_filter(logits_BV, self.top_k), self.top_p)
+        return min_p_filter(logits_BV, self.min_p)
 
-    def __call__(self, logits_BV, keys_B):
-        """One token per row; row b draws with its own key, so a row's draw does not depend on the batch."""
+    def __call__(self, logits_BV, keys_B, seen_BV=None):
+        """One token per row; row b draws with its own key, so a row's draw does not depend on the batch.
+        `seen_BV`: the tokens of each row's context, for the repetition penalty."""
         if self.greedy:
+            if seen_BV is not None:
+                logits_BV = repetition_penalty_filter(logits_BV, seen_BV, self.repetition_penalty)
             return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        filtered_BV = self.filter(logits_BV.astype(jnp.float32))
+        filtered_BV = self.filter(logits_BV.astype(jnp.float32), seen_BV)
         return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
 
 
@@ -162,7 +202,10 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
         t = s["step"]
         slot = P + t
         keys_B = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), t))(s["keys"])
-        token_B = sampler(s["logits"], keys_B)
+        seen_BV = None
+        if sampler.repetition_penalty != 1.0:
+            seen_BV = seen_tokens(s["tokens"], s["valid"], s["logits"].shape[-1])
+        token_B = sampler(s["logits"], keys_B, seen_BV)
         token_B = jnp.where(s["done"], pad_id, token_B)
         tokens_BL = s["tokens"].at[:, slot].set(token_B)
         valid_BL = s["valid"].at[:, slot].set(~s["done"])

@@ -1,0 +1,63 @@
+"""Export a decoder (a run directory trained or fine-tuned here, a Hugging Face directory, a GGUF file) as a Hugging
+Face directory that transformers loads with the same logits:
+
+    python -m transformer.export runs/default exported/
+    python -m transformer.export runs/default exported/ --step 1000
+
+The model's shape picks the family (GPT-2, or Llama / Mistral / Qwen2); the tokenizer goes along when it has a
+Hugging Face form (imported tokenizers, and char tokenizers as a one-token-per-character BPE). Bad input is one line
+on stderr and exit code 2, and nothing is written unless the whole export succeeds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from transformer.cli import die, quiet_jax_logs
+
+
+def hf_tokenizer(tok):
+    """The run's tokenizer in its Hugging Face form, or None (sentencepiece: not exported yet)."""
+    from transformer.data.tokenizer import CharTokenizer, HFTokenizer
+
+    if isinstance(tok, HFTokenizer):
+        return tok
+    if isinstance(tok, CharTokenizer):
+        return tok.to_hf()
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other bad input
+        die(f"{message} (see --help)")
+
+
+def main(argv=None) -> int:
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run directory, Hugging Face model directory or .gguf file")
+    ap.add_argument("out_dir", help="the directory to write (must not exist)")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    args = ap.parse_args(argv)
+    quiet_jax_logs()
+    import jax
+    from flax import nnx
+
+    from transformer.config import ConfigError
+    from transformer.convert.hf import decoder_family, export_hf
+    from transformer.infer.loading import load_run
+
+    try:
+        run = load_run(args.run, args.step)
+        decoder_family(run.cfg.model)  # refuse before anything is read to the host
+        params = jax.tree.map(lambda x: jax.device_get(x), nnx.to_pure_dict(run.params))
+        tok = hf_tokenizer(run.tokenizer)
+        kind = export_hf(run.cfg.model, params, tok, args.out_dir)
+    except ConfigError as e:
+        die(str(e))
+    note = "" if tok is not None else " (no tokenizer: a sentencepiece tokenizer has no Hugging Face form here yet)"
+    print(f"wrote {args.out_dir}: a {kind} model, {sum(x.size for x in jax.tree.leaves(params)):,} parameters{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
