@@ -2,6 +2,7 @@
 rotary scaling, head_dim != d_model / heads), Qwen2 (q/k/v biases) and Mistral (multi-query, sliding window)
 directories made by tests/fixtures/make_decoder_reference.py with torch, loaded here without it; export back and
 re-import; and the bad inputs an importer must refuse in one line."""
+import dataclasses
 import json
 import os
 
@@ -218,3 +219,116 @@ def test_export_command_writes_a_directory_once(tmp_path, ref):
     assert sorted(os.listdir(out_dir)) == before  # nothing touched
     assert before == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                       "tokenizer_config.json"]
+
+
+# --- GGUF files written here: every tensor type gguf can write, llama.cpp's rotary row order, the tokenizer -------
+
+
+def _llama_cpp_permute(w, n_heads):
+    """llama.cpp's converter: each head's rows from the two-halves rotary layout to interleaved pairs."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, hf_tensors, cfg, tokenizer_json, qtype="F16", arch="llama", raw=None):
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    vocab = json.loads(tokenizer_json)["model"]
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_chat_template(CHATML)
+    for name, t in hf_tensors.items():
+        if name in names:
+            g = names[name]
+        else:
+            layer, rest = name[len("model.layers."):].split(".", 1)
+            g = f"blk.{layer}.{parts[rest.rsplit('.', 1)[0]]}.weight"
+        if "attn_q" in g or "attn_k" in g:
+            t = _llama_cpp_permute(t, cfg.n_heads if "attn_q" in g else cfg.kv_heads)
+        if t.ndim == 1:
+            w.add_tensor(g, t.astype(np.float32))
+        elif raw is not None and g == "token_embd.weight":
+            w.add_tensor(g, np.zeros((t.shape[0], raw[1]), np.uint8), raw_dtype=Q[raw[0]])  # shape from bytes
+        else:
+            q = quants.quantize(t.astype(np.float32), Q[qtype])
+            w.add_tensor(g, q, raw_dtype=Q[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _tiny_llama(ref):
+    from transformer.config import ModelConfig
+    from transformer.convert import llama
+    from transformer.convert.mapping import export_tensors
+
+    V = json.loads(str(ref["tokenizer"]))["model"]["vocab"].__len__()
+    cfg = ModelConfig(vocab_size=V, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=96, max_len=32,
+                      positions="rotary", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-6, activation="swiglu",
+                      tie_embeddings=False, matmul_dtype="float32")
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(0)), nnx.Param))
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * np.random.default_rng(1).standard_normal(p.shape), params)
+    return cfg, export_tensors(llama.table(cfg), params)
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_gguf_tensor_types_rotary_order_and_tokenizer(tmp_path, ref, qtype):
+    """A llama GGUF written with gguf's own quantiser loads as the Hugging Face tensors it was made from, each put
+    through the same quantisation: the q/k row order is undone (a wrong order changes the logits) and the byte-level
+    BPE tokenizer rebuilt from the file's tokens and merges encodes like the tokenizer.json it came from."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    from transformer.convert import llama
+    from transformer.convert.gguf import load_gguf
+    from transformer.convert.hf import import_decoder
+    from transformer.data.tokenizer import HFTokenizer
+
+    cfg, hf = _tiny_llama(ref)
+    write_gguf(tmp_path / "tiny.gguf", hf, cfg, str(ref["tokenizer"]), qtype)
+    pre = load_gguf(str(tmp_path / "tiny.gguf"))
+    assert dataclasses.replace(pre.cfg, norm_eps=1e-6) == cfg and abs(pre.cfg.norm_eps - 1e-6) < 1e-12  # float32
+    rounded = {k: v if v.ndim == 1 else quants.dequantize(quants.quantize(v.astype(np.float32), Q[qtype]), Q[qtype])
+               for k, v in hf.items()}
+    _, want = import_decoder(llama, llama.hf_config(cfg), rounded, "reference")
+    x = jnp.asarray(ref["llama/input_ids"])
+    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(cfg, want, None, ""))(x), rtol=0, atol=1e-5)
+    original = HFTokenizer(str(ref["tokenizer"]))
+    for text in ["The cat sat on the mat.", "Grüße aus Köln: 42 apples cost 3.50 €.", "<|im_start|>user\nhi"]:
+        assert pre.tokenizer.encode(text).tolist() == original.encode(text).tolist(), text
+    assert (pre.tokenizer.bos_id, pre.tokenizer.eos_id, pre.tokenizer.chat_template) == (0, 2, CHATML)
+
+
+def test_unsupported_gguf_architecture_and_tensor_type(tmp_path, ref):
+    from transformer.convert.gguf import load_gguf
+
+    cfg, hf = _tiny_llama(ref)
+    write_gguf(tmp_path / "falcon.gguf", hf, cfg, str(ref["tokenizer"]), arch="falcon")
+    with pytest.raises(ConfigError, match=r"unsupported GGUF architecture 'falcon' \(supported: llama\)"):
+        load_gguf(str(tmp_path / "falcon.gguf"))
+    write_gguf(tmp_path / "iq.gguf", hf, cfg, str(ref["tokenizer"]), raw=("IQ4_NL", 64 // 32 * 18))
+    with pytest.raises(ConfigError, match=r"tensor token_embd.weight is IQ4_NL, which this importer does not read "
+                                          r"\(supported: F32, F16"):
+        load_gguf(str(tmp_path / "iq.gguf"))

@@ -29,22 +29,34 @@ class TensorInfo:
     data: np.ndarray  # the raw bytes, one row per innermost row of the tensor
 
 
-class _Cursor:
-    def __init__(self, buf: np.ndarray, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
+class _NeedMore(Exception):
+    """The header runs past the bytes read so far."""
 
-    def take(self, n: int) -> np.ndarray:
-        if self.pos + n > len(self.buf):
-            raise ConfigError(f"{self.path} is truncated (its header runs past the end of the file)")
-        out = self.buf[self.pos:self.pos + n]
+
+class _Cursor:
+    """Reads the header from a bytes prefix of the file (parsing it out of the memory map costs a numpy view per
+    field, seconds for a large vocabulary)."""
+
+    def __init__(self, head: bytes):
+        self.head, self.pos = head, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.head):
+            raise _NeedMore
+        out = self.head[self.pos:self.pos + n]
         self.pos += n
         return out
 
     def scalar(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)).tobytes())[0]
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.head):
+            raise _NeedMore
+        value = struct.unpack_from(fmt, self.head, self.pos)[0]
+        self.pos += size
+        return value
 
     def string(self) -> str:
-        return self.take(self.scalar("<Q")).tobytes().decode("utf-8", errors="replace")
+        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
 
     def value(self, kind: int):
         if kind in _SCALARS:
@@ -57,9 +69,32 @@ class _Cursor:
                 return [self.string() for _ in range(count)]
             if item in _NUMPY:
                 dtype = np.dtype(_NUMPY[item])
-                return np.frombuffer(self.take(count * dtype.itemsize).tobytes(), dtype).tolist()
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype).tolist()
             return [self.value(item) for _ in range(count)]
-        raise ConfigError(f"{self.path}: unknown GGUF metadata value type {kind}")
+        raise ValueError(f"unknown GGUF metadata value type {kind}")
+
+
+def _parse_header(head: bytes, path: str):
+    c = _Cursor(head)
+    if c.take(4) != b"GGUF":
+        raise ConfigError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    version = c.scalar("<I")
+    if version not in (2, 3):
+        raise ConfigError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
+    meta = {}
+    try:
+        for _ in range(n_kv):
+            key = c.string()
+            meta[key] = c.value(c.scalar("<I"))
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string()
+        dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
+        infos.append((name, tuple(reversed(dims)), c.scalar("<I"), c.scalar("<Q")))
+    return meta, infos, c.pos
 
 
 def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
@@ -70,24 +105,19 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         buf = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path} ({e})") from None
-    c = _Cursor(buf, path)
-    if c.take(4).tobytes() != b"GGUF":
-        raise ConfigError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
-    version = c.scalar("<I")
-    if version not in (2, 3):
-        raise ConfigError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    n_tensors, n_kv = c.scalar("<Q"), c.scalar("<Q")
-    meta = {}
-    for _ in range(n_kv):
-        key = c.string()
-        meta[key] = c.value(c.scalar("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = c.string()
-        dims = [c.scalar("<Q") for _ in range(c.scalar("<I"))]
-        infos.append((name, tuple(reversed(dims)), c.scalar("<I"), c.scalar("<Q")))
+    size = 1 << 22
+    while True:
+        with open(path, "rb") as f:
+            head = f.read(size)
+        try:
+            meta, infos, end = _parse_header(head, path)
+            break
+        except _NeedMore:
+            if len(head) < size:  # the whole file was read and the header still runs past it
+                raise ConfigError(f"{path} is truncated (its header runs past the end of the file)") from None
+            size *= 4
     align = int(meta.get("general.alignment", 32))
-    start = -(-c.pos // align) * align
+    start = -(-end // align) * align
     tensors = []
     for name, shape, type_id, offset in infos:
         try:

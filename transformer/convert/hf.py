@@ -23,7 +23,7 @@ from transformer.convert.hf_files import (
     write_hf_dir,
 )
 from transformer.convert.mapping import Pretrained, check_complete, export_tensors, import_tensors
-from transformer.model import build_model
+from transformer.model import abstract_model
 
 __all__ = ["is_hf_dir", "load_hf", "export_hf", "decoder_family", "FAMILIES"]
 
@@ -33,7 +33,7 @@ SUPPORTED = (*FAMILIES, *bert.POSITION_OFFSET)
 
 def param_shapes(cfg: ModelConfig) -> dict:
     """The model's params tree as ShapeDtypeStructs (nothing allocated)."""
-    _, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))), nnx.Param)
+    _, params = nnx.split(abstract_model(cfg), nnx.Param)
     return nnx.to_pure_dict(params)
 
 

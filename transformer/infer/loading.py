@@ -13,7 +13,7 @@ from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
 from transformer.config import Config, ConfigError, MeshConfig, first_line
 from transformer.convert import is_pretrained, load_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
-from transformer.model import build_model
+from transformer.model import abstract_model
 
 
 @dataclasses.dataclass
@@ -63,7 +63,7 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
             raise ConfigError(f"checkpoint {step} in {run_dir} is damaged ({type(e).__name__}); "
                               f"try another --step from {steps}") from None
         mesh = mesh or sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-        abstract = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
+        abstract = abstract_model(cfg.model)
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         shardings = sharding.tree_shardings(abstract_params, mesh)
         try:
@@ -85,7 +85,7 @@ def _load_pretrained(path: str, step: int | None, mesh) -> LoadedRun:
     pre = load_pretrained(path)
     cfg = Config(model=pre.cfg, preset=pre.source).validate()
     mesh = mesh or sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(pre.cfg, nnx.Rngs(0))), nnx.Param)
+    graphdef, params = nnx.split(abstract_model(pre.cfg), nnx.Param)
     nnx.replace_by_pure_dict(params, pre.params)
     params = jax.device_put(params, sharding.tree_shardings(params, mesh))
     return LoadedRun(cfg, pre.tokenizer, graphdef, params, 0)

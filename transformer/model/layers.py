@@ -5,6 +5,7 @@ metadata; `transformer/sharding.py` maps those names to mesh axes. Modules never
 """
 from __future__ import annotations
 
+import contextvars
 import math
 
 import jax
@@ -24,11 +25,17 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+# While set, `param` makes shapes only (see model.abstract_model).
+ABSTRACT = contextvars.ContextVar("abstract_params", default=False)
+
+
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
           decay: bool = True) -> nnx.Param:
     """A float32 weight with its logical axes. `decay`: whether AdamW's weight decay applies (matrices and tables
     yes; biases and norm scales no: `bias_param`, `Norm`)."""
     assert len(shape) == len(axes), (shape, axes)
+    if ABSTRACT.get():
+        return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.float32), logical_axes=axes, decay=decay)
     return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes, decay=decay)
 
 

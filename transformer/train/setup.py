@@ -12,7 +12,7 @@ from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, abstract_like, read_run_config, write_json_atomic
 from transformer.config import Config, ConfigError, first_line
 from transformer.infer.loading import LoadedRun, load_run
-from transformer.model import build_model
+from transformer.model import abstract_model, build_model
 from transformer.tasks import Task, TaskData, task_of
 from transformer.train.optim import make_optimizer
 from transformer.train.step import init_state
@@ -72,7 +72,7 @@ def build_state(cfg: Config, mesh):
         return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0)[1]
 
     abstract = jax.eval_shape(create)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract_model(cfg.model))
     shardings = sharding.tree_shardings(abstract, mesh)
     return graphdef, tx, abstract, shardings, jax.jit(create, out_shardings=shardings)
 
