@@ -8,7 +8,7 @@ Prints, all measured in this run (medians of 3 timed runs after a compile run; -
   - transformers' generate() on the same weights (its own GGUF load, float32, torch in its own environment) when
     --peer-python is given, and our ratios to it;
   - the memory-bandwidth bound at batch 1: the weight bytes one token reads over this machine's read bandwidth
-    (measured here: numpy summing a 1 GiB array), and our fraction of it;
+    (measured here: summing a 1 GiB array, numpy on one thread or XLA on all, the faster), and our fraction of it;
   - llama.cpp's decode and prefill tokens/s on the GGUF file itself when `llama_cpp` is importable there.
 """
 import argparse
@@ -76,13 +76,18 @@ def smollm2_gguf() -> str:
 
 
 def read_bandwidth() -> float:
-    """Bytes per second numpy reads while summing a 1 GiB float32 array (best of 3)."""
+    """Bytes per second this machine reads: the faster of numpy (one thread) and a jitted XLA reduction (all
+    cores) summing a 1 GiB float32 array, best of 3 each."""
     a = np.ones(1 << 28, np.float32)
+    x = jnp.asarray(a)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
     best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        a.sum()
-        best = max(best, a.nbytes / (time.perf_counter() - t))
+    for fn in (a.sum, lambda: total(x).block_until_ready()):
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            best = max(best, a.nbytes / (time.perf_counter() - t))
     return best
 
 
@@ -117,7 +122,7 @@ def main() -> None:
     # A decode step at batch 1 reads every weight once, except the embedding table's rows (the tied table is read
     # whole as the output layer anyway).
     bandwidth = read_bandwidth()
-    print(f"SmolLM2-135M: {n_params:,} parameters; read bandwidth {bandwidth / 1e9:.1f} GB/s (numpy sum of 1 GiB)")
+    print(f"SmolLM2-135M: {n_params:,} parameters; read bandwidth {bandwidth / 1e9:.1f} GB/s (summing 1 GiB)")
     results = {}
     for name, params, nbytes in (("float32", f32, 4), ("bfloat16", bf16, 2)):
         bound = bandwidth / (n_params * nbytes)
