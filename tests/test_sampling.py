@@ -259,9 +259,10 @@ def test_greedy_with_repetition_penalty_equals_the_penalised_argmax_loop():
     out = generate(graphdef, state, [prompt], max_new_tokens=9, max_len=16,
                    sampler=Sampler(0.0, repetition_penalty=penalty)).tokens[0]
     plain = generate(graphdef, state, [prompt], max_new_tokens=9, max_len=16, sampler=Sampler(0.0)).tokens[0]
+    forward = jax.jit(lambda seq_T: model(seq_T[None])[0])  # causal: padding after position t changes nothing
     seq = list(prompt)
     for _ in range(9):
-        logits = np.asarray(model(jnp.asarray([seq]))[0, -1])
+        logits = np.asarray(forward(jnp.asarray(seq + [0] * (16 - len(seq))))[len(seq) - 1])
         seen = np.isin(np.arange(len(logits)), seq)
         logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
         seq.append(int(np.argmax(logits)))
