@@ -207,35 +207,41 @@ def chat_main(args, run) -> int:
     from transformer.config import ConfigError
     from transformer.infer import chat
 
-    if not chat.has_chat_template(run.tokenizer):
-        die(f"{args.checkpoint} has no chat template (tokenizer_config.json's chat_template, or the GGUF file's "
-            "tokenizer.chat_template); prompt it with --prompt instead of --chat")
-    interactive = sys.stdin.isatty()
+    try:
+        chat.require_chat_template(run.tokenizer)  # before the first turn is asked for
+    except ConfigError as e:
+        die(f"{args.checkpoint}: {e}")
     stream = sys.stdout.isatty() if args.stream is None else args.stream
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    turns = None if interactive else [line for line in sys.stdin.read().splitlines() if line.strip()]
-    sampler = sampler_of(args)
-    for n in range(10 ** 9):
-        if interactive:
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def user_turns():
+        """Lines typed at the prompt until an empty one or end of input; else each non-empty stdin line."""
+        if not sys.stdin.isatty():
+            yield from (line for line in sys.stdin.read().splitlines() if line.strip())
+            return
+        while True:
             try:
-                user = input("> ")
+                line = input("> ")
             except EOFError:
                 print()
-                return 0
-            if not user.strip():
-                return 0
-        else:
-            if n >= len(turns):
-                return 0
-            user = turns[n]
+                return
+            if not line.strip():
+                return
+            yield line
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    sampler = sampler_of(args)
+    for n, user in enumerate(user_turns()):
         messages.append({"role": "user", "content": user})
-        write = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream else None
         try:
             text = chat.reply(run, messages, sampler, max_new_tokens=args.max_new_tokens,
-                              key=jax.random.fold_in(jax.random.key(args.seed), n), on_text=write)
+                              key=jax.random.fold_in(jax.random.key(args.seed), n), on_text=write if stream else None)
         except ConfigError as e:
             die(str(e))
-        print() if stream else print(text)
+        print("" if stream else text)
         messages.append({"role": "assistant", "content": text})
     return 0
 

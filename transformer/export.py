@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     try:
         run = load_run(args.run, args.step)
         decoder_family(run.cfg.model)  # refuse before anything is read to the host
-        params = jax.tree.map(lambda x: jax.device_get(x), nnx.to_pure_dict(run.params))
+        params = nnx.to_pure_dict(run.params)
         tok = hf_tokenizer(run.tokenizer)
         kind = export_hf(run.cfg.model, params, tok, args.out_dir)
     except ConfigError as e:

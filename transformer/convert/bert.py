@@ -18,8 +18,10 @@ from flax import nnx
 
 from transformer.config import ConfigError, ModelConfig
 from transformer.convert.hf_files import TOKENIZER_FILE, read_hf_config, read_tensors
+from transformer.convert.mapping import check_complete
 from transformer.data.tokenizer import HFTokenizer
-from transformer.model.encoder import EncoderLM, MLMHead
+from transformer.model import abstract_model
+from transformer.model.encoder import MLMHead
 
 
 def _after_pad(hf: dict) -> int:
@@ -206,8 +208,7 @@ def load_hf_encoder(path: str, seed: int = 0) -> tuple[ModelConfig, nnx.State, H
         raise ConfigError(f"unsupported checkpoint: {len(left)} tensor(s) this importer does not know, e.g. "
                           f"{left[0]!r}")
     pure = {"encoder": encoder, "mlm": mlm, **({"classifier": head} if head is not None else {})}
-    _, params = nnx.split(nnx.eval_shape(lambda: EncoderLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    same = jax.tree.map(lambda a, x: a.shape == np.shape(x), nnx.to_pure_dict(params), pure)
-    assert all(jax.tree.leaves(same)), same  # the mapping above fills every param of the model, shapes checked
+    _, params = nnx.split(abstract_model(cfg), nnx.Param)
+    check_complete(pure, nnx.to_pure_dict(params))  # the mapping above fills every param of the model
     nnx.replace_by_pure_dict(params, jax.tree.map(lambda x: np.asarray(x, np.float32), pure))
     return cfg, params, HFTokenizer.from_file(os.path.join(path, TOKENIZER_FILE))

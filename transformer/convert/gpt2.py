@@ -7,6 +7,8 @@ fused head-major in `c_attn`, which is exactly our fused `w_qkv_DCNH` laid out f
 """
 from __future__ import annotations
 
+import numpy as np
+
 from transformer.config import ConfigError, ModelConfig
 from transformer.convert.mapping import Entry, entry
 
@@ -19,9 +21,14 @@ def ignored(name: str) -> bool:
     return name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight"
 
 
-def prefix(tensors) -> str:
-    """GPT2LMHeadModel saves its body under "transformer."; the original checkpoints have no prefix."""
-    return "" if "wte.weight" in tensors else "transformer."
+def import_table(cfg: ModelConfig, tensors: dict, what: str) -> list[Entry]:
+    """The table for these tensors: GPT2LMHeadModel saves its body under "transformer.", the original checkpoints
+    have no prefix; a stored output layer must be the embedding table it is tied to."""
+    pre = "" if "wte.weight" in tensors else "transformer."
+    head, embed = tensors.get("lm_head.weight"), tensors.get(pre + "wte.weight")
+    if head is not None and embed is not None and not np.array_equal(head, embed):
+        raise ConfigError(f"{what}: lm_head.weight differs from {pre}wte.weight, but GPT-2 ties them")
+    return table(cfg, pre)
 
 
 def model_config(hf: dict) -> ModelConfig:

@@ -42,12 +42,7 @@ def import_decoder(family, hf: dict, tensors: dict, what: str) -> tuple[ModelCon
     cfg = dataclasses.replace(family.model_config(hf), matmul_dtype="float32")  # the checkpoint's own precision
     cfg = _validated(cfg, what)
     shapes = param_shapes(cfg)
-    if family is gpt2:
-        pre = gpt2.prefix(tensors)
-        _check_tied(tensors, pre + "wte.weight", what)
-        table = gpt2.table(cfg, pre)
-    else:
-        table = family.table(cfg)
+    table = family.import_table(cfg, tensors, what)
     params = import_tensors(table, tensors, shapes, ignored=family.ignored, what=what)
     check_complete(params, shapes)
     return cfg, params
@@ -61,12 +56,6 @@ def _validated(cfg: ModelConfig, what: str) -> ModelConfig:
     except ConfigError as e:
         raise ConfigError(f"{what}: {e}") from None
     return cfg
-
-
-def _check_tied(tensors: dict, embed: str, what: str) -> None:
-    head = tensors.get("lm_head.weight")
-    if head is not None and embed in tensors and not np.array_equal(head, tensors[embed]):
-        raise ConfigError(f"{what}: lm_head.weight differs from {embed}, but GPT-2 ties them")
 
 
 def load_hf(path: str) -> Pretrained:
@@ -121,9 +110,7 @@ def export_hf(cfg: ModelConfig, params, tokenizer, out_dir: str, generation: dic
 
 def _with_zero_biases(table, pure: dict) -> dict:
     """Biases (and LayerNorm shifts) a bias-free decoder lacks, as zeros of the shape the table says."""
-    import copy
-
-    pure = copy.deepcopy(pure)
+    pure = jax.tree.map(lambda x: x, pure)  # new dicts over the same arrays: only the dicts are filled in
     for e in table:
         node = pure
         for k in e.ours[:-1]:

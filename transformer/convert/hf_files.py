@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", so bf16 safetensors load through the numpy API)
 import numpy as np
@@ -136,7 +137,6 @@ def write_hf_dir(out_dir: str, config: dict, tensors: dict[str, np.ndarray], tok
             _dump(os.path.join(tmp, TOKENIZER_CONFIG_FILE), tokenizer.tokenizer_config())
         os.replace(tmp, out_dir)
     except BaseException:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -261,12 +261,6 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, i: int) -> str | None:
-        return self._tok.id_to_token(int(i))
-
     def _special(self, kind: str) -> int | None:
         return next((i for i in map(self._tok.token_to_id, self.SPECIALS[kind]) if i is not None), None)
 

@@ -28,17 +28,17 @@ def _template(source: str):
         raise ConfigError(f"the model's chat template does not parse ({first_line(e)})") from None
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this model has no chat template (tokenizer_config.json's chat_template, or the GGUF "
+                          "file's tokenizer.chat_template); prompt it with --prompt instead of --chat")
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The conversation as the model was trained to read it, ending with the assistant's turn opened."""
     import jinja2
 
-    if not has_chat_template(tokenizer):
-        raise ConfigError("this model has no chat template (tokenizer_config.json's chat_template, or the GGUF "
-                          "file's tokenizer.chat_template); prompt it with --prompt instead of --chat")
+    require_chat_template(tokenizer)
     try:
         return _template(tokenizer.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=tokenizer.bos or "",
@@ -94,5 +94,5 @@ def reply(run, messages: list[dict], sampler, *, max_new_tokens: int, key, on_te
                    on_tokens=on_tokens if on_text else None)
     tokens = [i for i in out.tokens[0] if i not in tok.stop_ids]
     if on_text is not None:
-        on_text(stream.flush() if tokens == stream.ids else "")
+        on_text(stream.flush())
     return tok.decode(tokens).strip()
