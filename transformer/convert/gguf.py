@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tokenizers
@@ -114,27 +115,32 @@ def _unpermute(w, n_heads: int):
 
 
 def read_tensors(infos: list[TensorInfo], path: str, hf: dict) -> dict[str, np.ndarray]:
-    from gguf import GGMLQuantizationType, quants
+    """Every tensor dequantised to float32 under its Hugging Face name, on all cores (numpy releases the GIL)."""
+    from gguf import GGMLQuantizationType
 
-    out = {}
     for t in infos:
-        qtype = GGMLQuantizationType(t.type_id)
-        kind = qtype.name
+        kind = GGMLQuantizationType(t.type_id).name
         if kind not in TENSOR_TYPES:
             raise ConfigError(f"{path}: tensor {t.name} is {kind}, which this importer does not read (supported: "
                               f"{', '.join(TENSOR_TYPES)})")
-        try:
-            w = np.asarray(quants.dequantize(t.data, qtype), np.float32)
-        except Exception as e:  # a damaged block fails inside gguf's numpy code
-            raise ConfigError(f"{path}: tensor {t.name} could not be dequantised ({first_line(e)[:120]})") from None
-        w = w.reshape(t.shape)
-        name = _hf_name(t.name)
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
-            w = _unpermute(w, hf["num_attention_heads"])
-        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
-            w = _unpermute(w, hf["num_key_value_heads"])
-        out[name] = w
-    return out
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return dict(pool.map(lambda t: _read_tensor(t, path, hf), infos))
+
+
+def _read_tensor(t: TensorInfo, path: str, hf: dict) -> tuple[str, np.ndarray]:
+    from gguf import GGMLQuantizationType, quants
+
+    try:
+        w = np.asarray(quants.dequantize(t.data, GGMLQuantizationType(t.type_id)), np.float32)
+    except Exception as e:  # a damaged block fails inside gguf's numpy code
+        raise ConfigError(f"{path}: tensor {t.name} could not be dequantised ({first_line(e)[:120]})") from None
+    w = w.reshape(t.shape)
+    name = _hf_name(t.name)
+    if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+        w = _unpermute(w, hf["num_attention_heads"])
+    elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+        w = _unpermute(w, hf["num_key_value_heads"])
+    return name, w
 
 
 def read_tokenizer(f: _Fields) -> HFTokenizer:
