@@ -6,6 +6,7 @@ tokenizer (`save_tokenizer` / `load_tokenizer`) and sampling never depends on th
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -22,6 +23,34 @@ _UTF32 = "utf-32-le"
 
 def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(_UTF32, "surrogatepass"), np.uint32)
+
+
+def visible(text: str) -> str:
+    """Whitespace drawn: a space as "␣", a newline as "↵", a tab as "⇥", any other unprintable character escaped
+    ("\\r", "\\x0b"): how `piece` shows tokens."""
+    drawn = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}
+    return "".join(drawn.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text)
+
+
+def _byte_level_bytes() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the other 68 for the
+    characters from U+0100 on, in byte order (the table every byte-level BPE vocabulary is written in)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+BYTE_LEVEL = _byte_level_bytes()
+
+
+def hex_bytes(data: bytes) -> str:
+    return "".join(f"<0x{b:02X}>" for b in data)
 
 
 class CharTokenizer:
@@ -59,6 +88,10 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return self._codepoints[np.asarray(ids, np.int64)].tobytes().decode(_UTF32, "surrogatepass")
+
+    def piece(self, i: int) -> str:
+        """Token i as it reads, whitespace drawn."""
+        return visible(self.decode([i]))
 
     def to_json(self) -> dict:
         return {"type": "char", "chars": self.chars}
@@ -145,6 +178,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return self._sp.decode(np.asarray(ids).tolist())
+
+    def piece(self, i: int) -> str:
+        """Token i as the model stores it: "▁" where a space is part of it, "<0xF0>" for a byte-fallback piece."""
+        return visible(self._sp.id_to_piece(int(i)))
 
     def to_json(self) -> dict:
         return {"type": "sentencepiece", "model": base64.b64encode(self._proto).decode("ascii")}
@@ -299,6 +336,27 @@ class HFTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
+
+    def piece(self, i: int) -> str:
+        """Token i as it reads: a byte-level BPE token as its text with whitespace drawn, or as its bytes
+        ("<0xF0><0x9F>") when it holds only part of a UTF-8 character (an emoji spans several tokens); other
+        vocabularies as stored ("##ing" for WordPiece, "▁" and "<0x0A>" for sentencepiece-style ones)."""
+        token = self._tok.id_to_token(int(i))
+        if token is None:
+            raise ConfigError(f"token id {i} is not in the vocabulary of {self.vocab_size}")
+        if not self._byte_level or not all(c in BYTE_LEVEL for c in token):  # added tokens are stored as text
+            return visible(token)
+        data = bytes(BYTE_LEVEL[c] for c in token)
+        try:
+            return visible(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            return hex_bytes(data)
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self._json).get("decoder") or {}
+        parts = decoder.get("decoders") or [decoder]
+        return any(d.get("type") == "ByteLevel" for d in parts)
 
     def to_json(self) -> dict:
         extras = {"bos": self.bos, "eos": self.eos, "pad": self.pad, "chat_template": self.chat_template,

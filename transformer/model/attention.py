@@ -56,20 +56,31 @@ def attend(q_BTNH, k_BKHS, v_BKSH, mask_B1TS=None, *, dropout_rate: float = 0.0,
 def attend_blocks(q_BTNH, blocks, *, dropout_rate: float = 0.0, dropout_key=None):
     """Attention over the concatenation of several (K^T, V, mask) blocks with one softmax: e.g. the cache as it was
     plus the tokens being added, so that the cache is only read before it is written (XLA then updates it in
-    place instead of copying it every decode step). Query heads are grouped (G = N / K per key/value head) so each
-    group multiplies its one key/value head, never a copy of it."""
+    place instead of copying it every decode step)."""
+    return mix_values(attention_probs(q_BTNH, blocks), blocks, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+def attention_probs(q_BTNH, blocks):
+    """softmax(Q K^T / sqrt(H) + mask) over the keys of all blocks, float32, as (B K G T S): query head n = k * G + g
+    (G = N / K query heads per key/value head). Query heads are grouped so each group multiplies its one key/value
+    head, never a copy of it: the queries of a group are stacked along the query axis (B K G*T H), so the matmul
+    stays a plain batched one over (B, K), the form XLA:CPU's bf16 kernels take."""
     B, T, N, H = q_BTNH.shape
     K = blocks[0][0].shape[1]
     G = N // K
-    # Queries of one group stacked along the query axis (B K G*T H): both matmuls stay plain batched ones over (B, K),
-    # the form XLA:CPU's bf16 kernels take.
     q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     scores = []
     for k_BKHS, _, mask_B1TS in blocks:
         s_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS, preferred_element_type=jnp.float32)
         s_BKGTS = s_BKMS.reshape(B, K, G, T, -1) * (1.0 / math.sqrt(H))
         scores.append(s_BKGTS if mask_B1TS is None else jnp.where(mask_B1TS[:, :, None], s_BKGTS, NEG_INF))
-    probs_BKGTS = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+    return jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+
+
+def mix_values(probs_BKGTS, blocks, *, dropout_rate: float = 0.0, dropout_key=None):
+    """The attention output (B T N H): each query's probability-weighted sum of the values of all blocks."""
+    B, K, G, T, _ = probs_BKGTS.shape
+    H = blocks[0][1].shape[-1]
     probs_BKGTS = dropout(probs_BKGTS, dropout_rate, dropout_key)
     out_BKMH, start = 0.0, 0
     for k_BKHS, v_BKSH, _ in blocks:
@@ -77,7 +88,13 @@ def attend_blocks(q_BTNH, blocks, *, dropout_rate: float = 0.0, dropout_key=None
         p_BKMS = probs_BKGTS[..., start:start + S].astype(v_BKSH.dtype).reshape(B, K, G * T, S)
         out_BKMH = out_BKMH + jnp.einsum("BKMS,BKSH->BKMH", p_BKMS, v_BKSH)
         start += S
-    return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+
+
+def heads_first(probs_BKGTS):
+    """(B K G T S) attention probabilities as (B N T S), query head n = k * G + g."""
+    B, K, G, T, S = probs_BKGTS.shape
+    return probs_BKGTS.reshape(B, K * G, T, S)
 
 
 class Attention(nnx.Module):
@@ -152,16 +169,17 @@ class Attention(nnx.Module):
         return y_BTD
 
     def __call__(self, x_BTD, *, mask_B1TS=None, positions_BT=None, context_BSD=None, context_kv=None,
-                 dropout_key=None, cache=None, cache_index=None):
+                 dropout_key=None, cache=None, cache_index=None, weights: bool = False):
         """Full forward: returns y_BTD. With a `cache` ({"k": B K H S, "v": B K S H}) the new keys and values are
         written at slot `cache_index`, the queries attend over all S slots (the mask says which are visible), and it
         returns (y_BTD, new_cache): the same code serves prefill (T = prompt) and decode (T = 1). Cross-attention
-        takes the encoder output as `context_BSD`, or its precomputed `context_kv` (from `cross_kv`)."""
+        takes the encoder output as `context_BSD`, or its precomputed `context_kv` (from `cross_kv`).
+        With `weights` (no cache) it returns (y_BTD, probs_BNTS): the attention probabilities it used, for looking
+        inside the model; the computation is the same, so the default call's program does not change."""
         if self.cross:
             kv = self.cross_kv(context_BSD) if context_kv is None else context_kv
-            out_BTNH = attend(constrain(self._q(x_BTD), ACT_BTNH), kv["k"], kv["v"], mask_B1TS,
-                              dropout_rate=self.dropout_rate, dropout_key=dropout_key)
-            return self._project_out(out_BTNH)
+            return self._attend_full(constrain(self._q(x_BTD), ACT_BTNH), kv["k"], kv["v"], mask_B1TS, dropout_key,
+                                     weights)
         q_BTNH, k_BSKH, v_BSKH = self._project_in(x_BTD)
         if self.rotary:  # keys are cached already rotated: rotary scores depend only on relative position
             q_BTNH = rotary(q_BTNH, positions_BT, self.inv_freq_h)
@@ -170,24 +188,28 @@ class Attention(nnx.Module):
         k_BSKH, v_BSKH = constrain(k_BSKH, ACT_BSKH), constrain(v_BSKH, ACT_BSKH)
         k_BKHS, v_BKSH = k_BSKH.transpose(0, 2, 3, 1), v_BSKH.transpose(0, 2, 1, 3)
         if cache is None:
-            out_BTNH = attend(q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_rate=self.dropout_rate,
-                              dropout_key=dropout_key)
-        else:
-            # The mask covers all cache slots; the new tokens' own slots [cache_index, cache_index + T) are attended
-            # through the fresh k, v (block 2), the older slots through the cache as it was (block 1).
-            S, T = cache["v"].shape[2], x_BTD.shape[1]
-            old_B1TS = mask_B1TS & (jnp.arange(S) < cache_index)
-            new_B1TT = jax.lax.dynamic_slice_in_dim(mask_B1TS, cache_index, T, axis=3)
-            blocks = [(k_BKHS, v_BKSH, new_B1TT)]
-            if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill into an empty cache skips it
-                blocks.insert(0, (cache["k"], cache["v"], old_B1TS))
-            out_BTNH = attend_blocks(q_BTNH, blocks)
-            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BKHS.astype(cache["k"].dtype),
-                                                       (0, 0, 0, cache_index)),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v_BKSH.astype(cache["v"].dtype),
-                                                       (0, 0, cache_index, 0))}
+            return self._attend_full(q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights)
+        # The mask covers all cache slots; the new tokens' own slots [cache_index, cache_index + T) are attended
+        # through the fresh k, v (block 2), the older slots through the cache as it was (block 1).
+        S, T = cache["v"].shape[2], x_BTD.shape[1]
+        old_B1TS = mask_B1TS & (jnp.arange(S) < cache_index)
+        new_B1TT = jax.lax.dynamic_slice_in_dim(mask_B1TS, cache_index, T, axis=3)
+        blocks = [(k_BKHS, v_BKSH, new_B1TT)]
+        if not (isinstance(cache_index, int) and cache_index == 0):  # a prefill into an empty cache skips it
+            blocks.insert(0, (cache["k"], cache["v"], old_B1TS))
+        out_BTNH = attend_blocks(q_BTNH, blocks)
+        cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BKHS.astype(cache["k"].dtype),
+                                                   (0, 0, 0, cache_index)),
+                 "v": jax.lax.dynamic_update_slice(cache["v"], v_BKSH.astype(cache["v"].dtype),
+                                                   (0, 0, cache_index, 0))}
+        return self._project_out(out_BTNH), cache
+
+    def _attend_full(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights: bool):
+        blocks = [(k_BKHS, v_BKSH, mask_B1TS)]
+        probs_BKGTS = attention_probs(q_BTNH, blocks)
+        out_BTNH = mix_values(probs_BKGTS, blocks, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
         y_BTD = self._project_out(out_BTNH)
-        return y_BTD if cache is None else (y_BTD, cache)
+        return (y_BTD, heads_first(probs_BKGTS)) if weights else y_BTD
 
 
 def init_kv_cache(batch: int, length: int, cfg: ModelConfig, n_layers: int) -> list[dict]:

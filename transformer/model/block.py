@@ -37,27 +37,54 @@ class Block(nnx.Module):
         return norm(x + dropout(sublayer(x), self.dropout_rate, key))
 
     def __call__(self, x_BTD, *, mask_B1TS, positions_BT, context_BSD=None, context_mask_B1TS=None,
-                 context_kv=None, dropout_key=None, cache=None, cache_index=None):
-        """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given. A cross-attention block
-        reads the encoder output `context_BSD`, or this layer's precomputed `context_kv`."""
+                 context_kv=None, dropout_key=None, cache=None, cache_index=None, weights: bool = False):
+        """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given, or (x_BTD, probs) with
+        `weights`: {"self": B N T T, "cross": B N T S or None}, the attention probabilities of this layer. A
+        cross-attention block reads the encoder output `context_BSD`, or this layer's precomputed `context_kv`."""
         k = split_key(dropout_key, 5)
-        new_cache = None
+        extra = {}  # the new cache, or the attention probabilities: a second result only when asked for
         x_BTD = constrain(x_BTD, ACT_BTD)
 
-        def self_attention(h):
-            nonlocal new_cache
-            out = self.attn(h, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=k[0], cache=cache,
-                            cache_index=cache_index)
-            if cache is None:
+        def sublayer(attn, name, **kwargs):
+            def f(h):
+                out = attn(h, **kwargs)
+                if not isinstance(out, tuple):
+                    return out
+                out, extra[name] = out
                 return out
-            out, new_cache = out
-            return out
+            return f
 
-        x_BTD = self._residual(x_BTD, self.attn_norm, self_attention, k[1])
+        self_kwargs = dict(cache=cache, cache_index=cache_index) if cache is not None else dict(weights=weights)
+        x_BTD = self._residual(x_BTD, self.attn_norm, sublayer(
+            self.attn, "self", mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=k[0], **self_kwargs), k[1])
         if self.cross_attn is not None:
-            x_BTD = self._residual(
-                x_BTD, self.cross_norm,
-                lambda h: self.cross_attn(h, mask_B1TS=context_mask_B1TS, context_BSD=context_BSD,
-                                          context_kv=context_kv, dropout_key=k[4]), k[2])
+            x_BTD = self._residual(x_BTD, self.cross_norm, sublayer(
+                self.cross_attn, "cross", mask_B1TS=context_mask_B1TS, context_BSD=context_BSD,
+                context_kv=context_kv, dropout_key=k[4], weights=weights), k[2])
         x_BTD = constrain(self._residual(x_BTD, self.mlp_norm, self.mlp, k[3]), ACT_BTD)
-        return x_BTD if cache is None else (x_BTD, new_cache)
+        if cache is not None:
+            return x_BTD, extra["self"]
+        if weights:
+            return x_BTD, {"self": extra["self"], "cross": extra.get("cross")}
+        return x_BTD
+
+
+def apply_blocks(blocks, x_BTD, keys, *, internals: bool = False, **kwargs):
+    """The stack of blocks without a cache: returns (x_BTD, seen). With `internals`, seen records what the layers
+    computed: "residual" (the stream entering each block and leaving the last), "attention" (each block's
+    self-attention probabilities) and, for cross-attention blocks, "cross_attention"; otherwise it is None."""
+    if not internals:
+        for block, key in zip(blocks, keys):
+            x_BTD = block(x_BTD, dropout_key=key, **kwargs)
+        return x_BTD, None
+    seen = {"residual": [], "attention": [], "cross_attention": []}
+    for block in blocks:
+        seen["residual"].append(x_BTD)
+        x_BTD, probs = block(x_BTD, weights=True, **kwargs)
+        seen["attention"].append(probs["self"])
+        if probs["cross"] is not None:
+            seen["cross_attention"].append(probs["cross"])
+    seen["residual"].append(x_BTD)
+    if not seen["cross_attention"]:
+        del seen["cross_attention"]
+    return x_BTD, seen

@@ -7,7 +7,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.attention import causal_mask, init_kv_cache
-from transformer.model.block import Block, split_key
+from transformer.model.block import Block, apply_blocks, split_key
 from transformer.model.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 
 
@@ -26,13 +26,15 @@ class DecoderLM(nnx.Module):
             rngs, kernel_init(cfg), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens_BT, *, positions_BT=None, mask_B1TS=None, dropout_key=None, cache=None,
-                 cache_index=None):
+                 cache_index=None, internals: bool = False):
         """Next-token logits (float32).
 
         Full forward by default: positions 0..T-1 and a causal mask (over the last `sliding_window` tokens when the
         config has one). For decoding pass `cache` (from
         `init_cache`), the slot `cache_index` where these T tokens go, their `positions_BT`, and `mask_B1TS` over the
         cache slots; it then returns (logits, new_cache).
+        With `internals` it returns (logits, {"attention": per layer B N T T, "residual": the residual stream
+        B T D entering each layer and leaving the last}) for looking inside (infer/internals.py).
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -46,18 +48,24 @@ class DecoderLM(nnx.Module):
         if pos_BTD is not None:
             x_BTD = x_BTD + pos_BTD.astype(x_BTD.dtype)
         x_BTD = dropout(x_BTD, cfg.dropout, keys[-1])
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            if cache is None:
-                x_BTD = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=keys[i])
-            else:
+        if cache is not None:
+            new_cache = []
+            for i, block in enumerate(self.blocks):
                 x_BTD, layer_cache = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, cache=cache[i],
                                            cache_index=cache_index)
                 new_cache.append(layer_cache)
+            return self.unembed(x_BTD), new_cache
+        x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, internals=internals, mask_B1TS=mask_B1TS,
+                                   positions_BT=positions_BT)
+        logits_BTV = self.unembed(x_BTD)
+        return (logits_BTV, seen) if internals else logits_BTV
+
+    def unembed(self, x_BTD):
+        """Logits (float32) of a residual stream: the final norm, then the output layer (the logit lens applies it
+        to every layer's stream)."""
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
-        logits_BTV = output_logits(x_BTD, self.embed, self.unembed_DV, self.cfg.matmul_dtype)
-        return logits_BTV if cache is None else (logits_BTV, new_cache)
+        return output_logits(x_BTD, self.embed, self.unembed_DV, self.cfg.matmul_dtype)
 
     def init_cache(self, batch: int, length: int) -> list[dict]:
         return init_kv_cache(batch, length, self.cfg, self.cfg.n_layers)

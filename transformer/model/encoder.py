@@ -7,7 +7,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.attention import padding_mask
-from transformer.model.block import Block, split_key
+from transformer.model.block import Block, apply_blocks, split_key
 from transformer.model.layers import (
     ACTIVATIONS,
     DTYPES,
@@ -38,7 +38,9 @@ class Encoder(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
 
-    def __call__(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None):
+    def __call__(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None, internals: bool = False):
+        """Final hidden states; with `internals`, (hidden, {"attention": per layer B N T T, "residual": the stream
+        B T D entering each layer and leaving the last, before any final norm})."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -54,9 +56,10 @@ class Encoder(nnx.Module):
         if self.embed_norm is not None:
             x_BTD = self.embed_norm(x_BTD)
         x_BTD = dropout(x_BTD, cfg.dropout, keys[-1])
-        for block, key in zip(self.blocks, keys):
-            x_BTD = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, dropout_key=key)
-        return self.final_norm(x_BTD) if self.final_norm is not None else x_BTD
+        x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, internals=internals, mask_B1TS=mask_B1TS,
+                                   positions_BT=positions_BT)
+        hidden_BTD = self.final_norm(x_BTD) if self.final_norm is not None else x_BTD
+        return (hidden_BTD, seen) if internals else hidden_BTD
 
 
 class MLMHead(nnx.Module):
@@ -104,9 +107,19 @@ class EncoderLM(nnx.Module):
     def hidden(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None):
         return self.encoder(tokens_BT, valid_BT=valid_BT, segments_BT=segments_BT, dropout_key=dropout_key)
 
-    def __call__(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None):
+    def __call__(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None, internals: bool = False):
+        """Masked-LM logits (float32); with `internals`, (logits, the encoder's internals)."""
+        if internals:
+            _, seen = self.encoder(tokens_BT, valid_BT=valid_BT, segments_BT=segments_BT, internals=True)
+            return self.unembed(seen["residual"][-1]), seen
         return self.mlm(self.hidden(tokens_BT, valid_BT=valid_BT, segments_BT=segments_BT, dropout_key=dropout_key),
                         self.encoder.embed)
+
+    def unembed(self, x_BTD):
+        """Masked-LM logits of a residual stream: the final norm (pre-norm stacks), then the MLM head."""
+        if self.encoder.final_norm is not None:
+            x_BTD = self.encoder.final_norm(x_BTD)
+        return self.mlm(x_BTD, self.encoder.embed)
 
     def classify(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None):
         assert self.classifier is not None, "set model.n_classes for a classification head"
