@@ -263,11 +263,12 @@ def cmd_attention(args, run) -> None:
         elif args.part == "encoder":
             probs_LNTS, what = seen.encoder_LNSS, "encoder self-attention"
             keys = queries = view.pieces(view.src)
-        print(f"source: {' '.join(view.pieces(view.src))}\ntarget: {' '.join(view.pieces())}")
     elif args.part != "cross":
         die("--part is for encoder-decoder models")
     L, N = probs_LNTS.shape[:2]
     layer, head = _layer_head(args, L, N)
+    if view.src is not None:
+        print(f"source: {' '.join(view.pieces(view.src))}\ntarget: {' '.join(view.pieces())}")
     probs_NTS = probs_LNTS[layer]
     causal = run.cfg.model.arch != "encoder" and what != "encoder self-attention" and "cross" not in what
     print(f"layer {layer} {what}, {len(queries)} queries x {len(keys)} keys; mean probability on the")
@@ -282,7 +283,7 @@ def cmd_attention(args, run) -> None:
     cols = 1 if head is not None else int(np.ceil(np.sqrt(N)))
     rows = int(np.ceil(len(heads) / cols))
     size = max(3.0, 0.28 * max(len(keys), len(queries)))
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, n in zip(axes.ravel(), heads):
@@ -303,7 +304,7 @@ def cmd_lens(args, run) -> None:
     probs_LTK, ids_LTK = logit_lens(run.graphdef, run.params, seen.residual_LTD, k=1)
     pieces = view.pieces()
     L = probs_LTK.shape[0]
-    width = 12
+    width = 14
     cell = lambda s: (s if len(s) <= width else s[:width - 1] + "…").ljust(width)  # noqa: E731
     print("logit lens: the top next token (and its probability) read from the residual stream entering each layer;")
     print(f"the last row is the model's output. Columns: the input tokens.\n{'':>9}" + "".join(cell(p) for p in pieces))

@@ -346,11 +346,8 @@ class HFTokenizer:
             raise ConfigError(f"token id {i} is not in the vocabulary of {self.vocab_size}")
         if not self._byte_level or not all(c in BYTE_LEVEL for c in token):  # added tokens are stored as text
             return visible(token)
-        data = bytes(BYTE_LEVEL[c] for c in token)
-        try:
-            return visible(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            return hex_bytes(data)
+        text = bytes(BYTE_LEVEL[c] for c in token).decode("utf-8", "surrogateescape")  # bad bytes -> U+DC80..
+        return "".join(hex_bytes(bytes([ord(c) - 0xDC00])) if 0xDC80 <= ord(c) <= 0xDCFF else visible(c) for c in text)
 
     @functools.cached_property
     def _byte_level(self) -> bool:
