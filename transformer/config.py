@@ -147,7 +147,7 @@ class TrainConfig:
     sample_tokens: int = 200  # after training, print a sample of this many tokens (0: none)
     bleu_beam: int = 4  # translation runs: sacreBLEU on the validation pairs at each evaluation with this beam
     bleu_sentences: int = 0  # how many validation pairs to translate for it (0: all; -1: no BLEU)
-    task: Literal["", "lm", "mlm", "classify", "seq2seq"] = ""  # "": by model.arch (lm / mlm / seq2seq)
+    task: Literal["", "lm", "mlm", "classify", "seq2seq", "sft"] = ""  # "": by model.arch (lm / mlm / seq2seq)
     init_from: str = ""  # a run dir (e.g. an MLM run) whose model config and weights start this run; new heads fresh
 
 
@@ -177,7 +177,8 @@ class Config:
         _positive(m, "d_model", "n_heads", "n_layers", "max_len")
         _positive(t, "steps", "batch_size", "grad_accum", "log_interval", "eval_interval", "eval_batches",
                   "ckpt_interval", "keep_checkpoints")
-        need = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "seq2seq": "encoder_decoder"}.get(t.task)
+        need = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "seq2seq": "encoder_decoder",
+                "sft": "decoder"}.get(t.task)
         if need and m.arch != need:
             raise ConfigError(f"train.task={t.task} needs model.arch={need}, got {m.arch}")
         if t.batch_tokens < 0 or (t.batch_tokens and (t.task or TASK_OF_ARCH[m.arch]) != "seq2seq"):

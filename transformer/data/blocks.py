@@ -23,6 +23,16 @@ def take_across_epochs(order_of, epoch: int, index: int, n: int, convert=None) -
     return np.concatenate(out), epoch, index
 
 
+def next_in_plan(plan_of, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
+    """The next batch of a per-epoch plan (`plan_of(epoch)`: a list of index arrays), and the position after it."""
+    plan = plan_of(epoch)
+    members = plan[index]
+    index += 1
+    if index == len(plan):
+        epoch, index = epoch + 1, 0
+    return members, epoch, index
+
+
 def checked_position(state: dict, epoch_length, what: str) -> tuple[int, int]:
     """(epoch, index) of a saved iterator state, if it lies inside this data's epochs (`epoch_length(e)` items in
     epoch e); a ConfigError if not."""

@@ -61,23 +61,9 @@ def load_examples(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[st
     if cfg.path == "":
         raise ConfigError("classification needs data.path: a .csv / .jsonl / .parquet file or a hub dataset with "
                           f"columns {cfg.text_column!r} and {cfg.label_column!r}")
-    from_hub = not _is_local(cfg.path)
 
     def read(path, split):
-        import datasets
-
-        if from_hub and path == cfg.path:
-            ds = hub_dataset(path, cfg.name, split)
-        else:
-            files = _local_files(path)
-            builders = {_BUILDERS.get(_ext(f)) for f in files}
-            if len(builders) != 1 or None in builders:
-                raise ConfigError(f"classification data {path} must be .csv, .json, .jsonl or .parquet files of one "
-                                  "type")
-            try:
-                ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
-            except Exception as e:
-                raise ConfigError(f"could not read {path}: {type(e).__name__}: {first_line(e)}") from None
+        ds = _table(cfg, path, split, "classification data")
         missing = [c for c in (cfg.text_column, cfg.label_column) if c not in ds.column_names]
         if missing:
             raise ConfigError(f"{path} has no column {missing[0]!r} (data.text_column / data.label_column); "
@@ -88,6 +74,66 @@ def load_examples(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[st
             raise ConfigError(f"no labelled text in {path}")
         return rows
 
+    return _train_and_val(cfg, read)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def load_conversations(cfg: DataConfig) -> tuple[list[list[dict]], list[list[dict]] | None]:
+    """Chat conversations for supervised fine-tuning, each a list of {"role", "content"} turns, from local .json /
+    .jsonl / .parquet files or a hub dataset with a `messages` column (role / content turns) or `prompt` and
+    `completion` columns (one user turn, one assistant turn). Returns the training conversations and the validation
+    ones (None when no validation data is given). A row with an unknown role, a turn that is not text, or no
+    assistant turn to learn from is refused, naming the row."""
+    if cfg.path == "":
+        raise ConfigError("train.task=sft needs data.path: a .jsonl / .parquet file or a hub dataset with a "
+                          "'messages' column (role / content turns) or 'prompt' and 'completion' columns")
+
+    def read(path, split):
+        ds = _table(cfg, path, split, "chat data")
+        if "messages" in ds.column_names:
+            rows = ds["messages"]
+        elif {"prompt", "completion"} <= set(ds.column_names):
+            rows = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+                    for p, c in zip(ds["prompt"], ds["completion"])]
+        else:
+            raise ConfigError(f"{path} has neither a 'messages' column nor 'prompt' and 'completion' columns; "
+                              f"available columns: {', '.join(ds.column_names)}")
+        for i, turns in enumerate(rows):
+            if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+                raise ConfigError(f"{path} row {i}: messages must be a list of {{'role', 'content'}} turns")
+            for t in turns:
+                if t.get("role") not in ROLES:
+                    raise ConfigError(f"{path} row {i}: unknown role {t.get('role')!r} (roles: {', '.join(ROLES)})")
+                if not isinstance(t.get("content"), str):
+                    raise ConfigError(f"{path} row {i}: a {t['role']} turn's content is not text")
+            if not any(t["role"] == "assistant" for t in turns):
+                raise ConfigError(f"{path} row {i} has no assistant turn: nothing to learn from it")
+        if not rows:
+            raise ConfigError(f"no conversations in {path}")
+        return [[{"role": t["role"], "content": t["content"]} for t in turns] for turns in rows]
+
+    return _train_and_val(cfg, read)
+
+
+def _table(cfg: DataConfig, path: str, split: str, what: str):
+    """A local .csv / .json / .jsonl / .parquet file set, or (for data.path) a hub dataset, as a datasets.Dataset."""
+    import datasets
+
+    if not _is_local(cfg.path) and path == cfg.path:
+        return hub_dataset(path, cfg.name, split)
+    files = _local_files(path)
+    builders = {_BUILDERS.get(_ext(f)) for f in files}
+    if len(builders) != 1 or None in builders:
+        raise ConfigError(f"{what} {path} must be .csv, .json, .jsonl or .parquet files of one type")
+    try:
+        return datasets.load_dataset(builders.pop(), data_files=files, split="train")
+    except Exception as e:
+        raise ConfigError(f"could not read {path}: {type(e).__name__}: {first_line(e)}") from None
+
+
+def _train_and_val(cfg: DataConfig, read):
     train = read(cfg.path, cfg.split)
     if cfg.val_path:
         return train, read(cfg.val_path, "train")

@@ -8,8 +8,10 @@ from transformer.tasks.classify import Classification
 from transformer.tasks.lm import LanguageModelling
 from transformer.tasks.mlm import MaskedLM
 from transformer.tasks.seq2seq import Translation
+from transformer.tasks.sft import SupervisedFineTuning
 
-TASKS: dict[str, Task] = {t.name: t for t in (LanguageModelling(), MaskedLM(), Classification(), Translation())}
+TASKS: dict[str, Task] = {t.name: t for t in (LanguageModelling(), MaskedLM(), Classification(), Translation(),
+                                              SupervisedFineTuning())}
 
 
 def task_name(cfg: Config) -> str:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.config import Config, ConfigError
-from transformer.data.blocks import checked_position
+from transformer.data.blocks import checked_position, next_in_plan
 from transformer.data.prepare import hold_out, text_tokenizer
 from transformer.data.sources import load_pairs
 from transformer.data.specials import translation_ids
@@ -102,11 +102,7 @@ class Seq2SeqPipeline:
         return self._batches
 
     def next(self, step: int, rows) -> dict:
-        plan = self._plan(self.epoch)
-        members = plan[self.index]
-        self.index += 1
-        if self.index == len(plan):
-            self.epoch, self.index = self.epoch + 1, 0
+        members, self.epoch, self.index = next_in_plan(self._plan, self.epoch, self.index)
         pairs = [self.train[i] for i in members]
         L = next(b for b in self.buckets if b >= max(self._need(p) for p in pairs))
         batch = self._batch(pairs, self.rows_for(L))

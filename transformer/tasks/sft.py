@@ -1,0 +1,142 @@
+"""Supervised fine-tuning of a chat model (decoder): conversations rendered with the model's own chat template, the
+loss on the assistant's tokens only.
+
+A conversation is rendered prefix by prefix: up to each assistant turn with the turn opened (the template's
+generation prompt, which the model reads but does not learn to write), then through that turn (the reply and the
+template's end-of-turn text, which it learns: that is how it learns to stop). Each new piece of text is tokenized on
+its own, so the tokens trained on are exactly those `sample.py --chat` feeds and generates. Conversations are padded
+on the right in batches of similar length: with the causal mask, real tokens never see the padding, which weighs 0.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from transformer.config import Config, ConfigError
+from transformer.data.blocks import checked_position, next_in_plan
+from transformer.data.prepare import hold_out
+from transformer.data.sources import load_conversations
+from transformer.data.tokenizer import save_tokenizer
+from transformer.infer.chat import render_chat
+from transformer.tasks.base import Task, TaskData, pipeline_sizes
+from transformer.tasks.seq2seq import bucket_lengths
+
+
+def conversation_tokens(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, learn): the conversation's token ids, and which of them the model learns to write (the assistant's
+    replies with their end-of-turn text). Turns after the last assistant turn are left out: nothing to learn there."""
+    ids, learn, done = [], [], ""
+
+    def add(text: str, learned: bool) -> None:
+        nonlocal done
+        if not text.startswith(done):
+            raise ConfigError("the model's chat template renders a conversation differently from its beginning, so "
+                              "the assistant's tokens cannot be told apart; fine-tune with prompt / completion data")
+        new = tok.encode(text[len(done):], add_special_tokens=False).tolist()
+        ids.extend(new)
+        learn.extend([learned] * len(new))
+        done = text
+
+    for i, turn in enumerate(messages):
+        if turn["role"] == "assistant":
+            add(render_chat(tok, messages[:i], add_generation_prompt=True), False)
+            add(render_chat(tok, messages[:i + 1], add_generation_prompt=False), True)
+    return np.asarray(ids, np.int32), np.asarray(learn, bool)
+
+
+class SFTPipeline:
+    """Conversations as inputs (ids[:-1]) and targets (ids[1:]) weighted 1 where the target is an assistant token,
+    padded on the right to a length bucket; each epoch shuffles within buckets and visits the batches in a seeded
+    order. Validation: the validation conversations sorted by length, in batches of `eval_rows`."""
+
+    def __init__(self, train, val, *, T: int, batch_rows: int, eval_rows: int, n_eval: int, seed: int, tok,
+                 pad: int):
+        self.T, self.batch_rows, self.seed, self.pad = T, batch_rows, seed, pad
+        self.buckets = bucket_lengths(T)
+        self.train = self._encode(train, tok)
+        if not self.train:
+            raise ConfigError(f"no training conversation has an assistant token within model.max_len={T}")
+        val = sorted(self._encode(val, tok), key=len)[:n_eval * eval_rows]
+        if not val:
+            raise ConfigError(f"no validation conversation has an assistant token within model.max_len={T}")
+        self.val = [self._batch(val[k:k + eval_rows], eval_rows) for k in range(0, len(val), eval_rows)]
+        self.epoch, self.index = 0, 0
+        self._plan_epoch = None
+
+    def _encode(self, conversations, tok) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for messages in conversations:
+            ids, learn = conversation_tokens(tok, messages)
+            ids, learn = ids[:self.T + 1], learn[:self.T + 1]
+            if learn[1:].any():  # something to learn after truncation (the first token is never a target)
+                out.append((ids, learn))
+        return out
+
+    def _length(self, example) -> int:
+        return len(example[0]) - 1
+
+    def _batch(self, examples, rows: int) -> dict:
+        L = next(b for b in self.buckets if b >= max(self._length(e) for e in examples))
+        inputs = np.full((rows, L), self.pad, np.int32)
+        targets = np.full((rows, L), self.pad, np.int32)
+        weights = np.zeros((rows, L), np.float32)
+        valid = np.zeros((rows, L), bool)
+        for i, (ids, learn) in enumerate(examples):
+            n = len(ids) - 1
+            inputs[i, :n], targets[i, :n], weights[i, :n], valid[i, :n] = ids[:-1], ids[1:], learn[1:], True
+        return {"inputs": inputs, "targets": targets, "weights": weights, "valid": valid}
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            bucket_of = np.searchsorted(self.buckets, [self._length(e) for e in self.train])
+            batches = []
+            for b in np.unique(bucket_of):
+                members = rng.permutation(np.flatnonzero(bucket_of == b))
+                batches += [members[k:k + self.batch_rows] for k in range(0, len(members), self.batch_rows)]
+            self._batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._plan_epoch = epoch
+        return self._batches
+
+    def next(self, step: int, rows) -> dict:
+        members, self.epoch, self.index = next_in_plan(self._plan, self.epoch, self.index)
+        batch = self._batch([self.train[i] for i in members], self.batch_rows)  # short batches: empty rows
+        return {k: a[rows(self.batch_rows)] for k, a in batch.items()}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.index = checked_position(state, lambda e: len(self._plan(e)), "fine-tuning batches")
+
+
+class SupervisedFineTuning(Task):
+    name = "sft"
+    keys = ("inputs", "targets", "weights", "valid")
+    unit = "conversations"
+
+    def prepare(self, cfg: Config, run_dir: str, tok=None) -> TaskData:
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ConfigError("train.task=sft fine-tunes a chat model: set train.init_from to a run, a Hugging Face "
+                              "directory or a .gguf file whose tokenizer has a chat template")
+        train, val = load_conversations(cfg.data)
+        if val is None:
+            train, val = hold_out(train, cfg.data.val_fraction, "give data.val_path")
+        if jax.process_index() == 0:
+            save_tokenizer(tok, run_dir)
+        return TaskData(tok, train, val)
+
+    def pipeline(self, cfg: Config, data: TaskData, row_multiple: int = 1):
+        tok = data.tokenizer
+        pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+        vocab = max(tok.vocab_size, cfg.model.vocab_size)  # a model's table may have rows past the tokenizer's
+        return SFTPipeline(data.train, data.val, **pipeline_sizes(cfg), tok=tok, pad=pad), vocab
+
+    def logits(self, model, batch: dict, key):
+        return model(batch["inputs"], dropout_key=key)
+
+    def weights(self, batch: dict):
+        return batch["weights"]
+
+    def real_tokens(self, batch: dict):
+        return batch["valid"].sum()
