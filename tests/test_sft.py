@@ -138,8 +138,10 @@ def test_train_sft_then_chat_with_the_result(ref, tmp_path):
     out = run("train.py", "--train.task=sft", "--train.init_from", model, "--data.path", str(data),
               "--train.run_dir", str(tmp_path / "run"), "--train.steps=40", "--train.batch_size=4",
               "--optim.lr=1e-2", "--optim.warmup_steps=2", "--train.progress=false", "--train.eval_interval=40",
-              "--train.sample_tokens=0")
+              "--train.sample_tokens=0", "--train.bleu_sentences=2")
     assert out.returncode == 0, out.stderr
+    bleu = float(out.stdout.split("BLEU ")[-1].split()[0])  # greedy replies to the held-out conversations
+    assert bleu > 50, out.stdout
     chat = run("sample.py", "--checkpoint", str(tmp_path / "run"), "--chat", "--greedy", "--max-new-tokens", "8",
                stdin="the cat\n")
     assert chat.returncode == 0, chat.stderr

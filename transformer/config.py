@@ -146,7 +146,8 @@ class TrainConfig:
     progress: bool = True
     sample_tokens: int = 200  # after training, print a sample of this many tokens (0: none)
     bleu_beam: int = 4  # translation runs: sacreBLEU on the validation pairs at each evaluation with this beam
-    bleu_sentences: int = 0  # how many validation pairs to translate for it (0: all; -1: no BLEU)
+    bleu_sentences: int = 0  # how many validation pairs to translate for it (0: all; -1: no BLEU); sft: BLEU
+    # of the greedy replies to this many validation conversations (0: none)
     task: Literal["", "lm", "mlm", "classify", "seq2seq", "sft"] = ""  # "": by model.arch (lm / mlm / seq2seq)
     init_from: str = ""  # a run dir (e.g. an MLM run) whose model config and weights start this run; new heads fresh
 

@@ -9,6 +9,8 @@ on the right in batches of similar length: with the causal mask, real tokens nev
 """
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 
@@ -18,6 +20,7 @@ from transformer.data.prepare import hold_out
 from transformer.data.sources import load_conversations
 from transformer.data.tokenizer import save_tokenizer
 from transformer.infer.chat import render_chat
+from transformer.infer.evaluate import bleu
 from transformer.tasks.base import Task, TaskData, pipeline_sizes
 from transformer.tasks.seq2seq import bucket_lengths
 
@@ -140,3 +143,39 @@ class SupervisedFineTuning(Task):
 
     def real_tokens(self, batch: dict):
         return batch["valid"].sum()
+
+    def metrics(self, cfg: Config, graphdef, params, data: TaskData) -> tuple[dict, str]:
+        """With `train.bleu_sentences` = N > 0 (for translation-style chat data): sacreBLEU of the model's greedy
+        replies to the first N validation conversations (each up to its last assistant turn) against those turns.
+        Single-process runs only."""
+        n = cfg.train.bleu_sentences
+        if n <= 0 or jax.process_count() > 1:
+            return {}, ""
+        t0 = time.perf_counter()
+        conversations = data.val[:n]
+        hyps = chat_replies(graphdef, params, data.tokenizer, [c[:last_reply(c)] for c in conversations],
+                            max_len=cfg.model.max_len)
+        record = {"val_bleu": bleu(hyps, [c[last_reply(c)]["content"] for c in conversations]).score,
+                  "bleu_seconds": time.perf_counter() - t0}
+        return record, f"BLEU {record['val_bleu']:.2f} (greedy, {len(hyps)} replies, {record['bleu_seconds']:.1f} s)"
+
+
+def last_reply(messages: list[dict]) -> int:
+    return max(i for i, t in enumerate(messages) if t["role"] == "assistant")
+
+
+def chat_replies(graphdef, params, tok, conversations: list[list[dict]], *, max_len: int, max_new_tokens: int = 128,
+                 batch: int = 32) -> list[str]:
+    """The model's greedy next assistant turn for each conversation, in batches of `batch` (one compiled program)."""
+    from transformer.infer.sampling import Sampler, generate
+
+    prompts = [tok.encode(render_chat(tok, c), add_special_tokens=False).tolist() for c in conversations]
+    stops = [i for i in tok.stop_ids if i != tok.eos_id]
+    replies = []
+    for k in range(0, len(prompts), batch):
+        rows = prompts[k:k + batch]
+        rows += [rows[0]] * (min(batch, len(prompts)) - len(rows))  # a short last batch: the same program
+        out = generate(graphdef, params, rows, max_new_tokens=max_new_tokens, max_len=max_len, sampler=Sampler(0.0),
+                       eos_id=tok.eos_id, pad_id=tok.pad_id or 0, stop_sequences=[[i] for i in stops])
+        replies += [tok.decode([i for i in t if i not in tok.stop_ids]).strip() for t in out.tokens]
+    return replies[:len(prompts)]
