@@ -34,7 +34,9 @@ def main(argv: list[str]) -> int:
         die(str(e), code=1)
     if "val_loss" in result and jax.process_index() == 0:
         print(f"done: step {result['step']}, val loss {result['val_loss']:.4f}")
-    if (cfg.train.sample_tokens and cfg.model.arch == "decoder" and not result.get("stopped_by")
+    if cfg.train.task == "sft" and jax.process_index() == 0:
+        print(f"talk to it: python sample.py --checkpoint {run_dir_of(cfg)} --chat")
+    elif (cfg.train.sample_tokens and cfg.model.arch == "decoder" and not result.get("stopped_by")
             and jax.process_index() == 0):
         print_sample(run_dir_of(cfg), cfg.train.sample_tokens, cfg.train.seed)
     return 0

@@ -91,7 +91,7 @@ def _declared_type(hlo: str, name: str) -> str:
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_xavier_init_spreads_each_matrix_over_its_own_fans(activation):
     from transformer.model.attention import Attention
-    from transformer.model.layers import MLP
+    from transformer.model.mlp import MLP
 
     D, N, F, L = 256, 4, 1024, 3
     cfg = ModelConfig(d_model=D, n_heads=N, d_ff=F, n_layers=L, activation=activation, init="xavier")

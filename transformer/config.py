@@ -73,6 +73,12 @@ class ModelConfig:
     # uniform (the original Transformer), output layers and heads included. Embeddings and position tables keep
     # their own init.
     init: Literal["gpt2", "xavier"] = "gpt2"
+    # LoRA: low-rank adapters (x A B * alpha / rank, B starting at zero) beside the named weight matrices of every
+    # attention and MLP block; 0: none. Targets: q, k, v, o (attention, self and cross), gate, up, down (the MLP; gate
+    # only with swiglu).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,k,v,o,gate,up,down"
 
     @property
     def d_head(self) -> int:
@@ -85,6 +91,19 @@ class ModelConfig:
     @property
     def ff_dim(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def lora_target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """(inputs, outputs) of each matrix LoRA can adapt."""
+        D, F, NH, KH = self.d_model, self.ff_dim, self.n_heads * self.d_head, self.kv_heads * self.d_head
+        shapes = {"q": (D, NH), "k": (D, KH), "v": (D, KH), "o": (NH, D), "up": (D, F), "down": (F, D)}
+        return {**shapes, "gate": (D, F)} if self.activation == "swiglu" else shapes
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclass(frozen=True)
@@ -211,6 +230,8 @@ class Config:
             raise ConfigError("model.d_ff and model.vocab_size must be >= 0 (0 means automatic)")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if m.lora_rank:
+            _check_lora(m)
         if o.lr <= 0 or o.min_lr < 0:
             raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
         if o.warmup_steps < 0 or o.decay_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
@@ -249,6 +270,25 @@ def _build(cls, values: dict):
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in {cls.__name__}")
     return cls(**values)
+
+
+def _check_lora(m: ModelConfig) -> None:
+    names, shapes = m.lora_target_names, m.lora_shapes()
+    if m.lora_rank < 0 or m.lora_alpha <= 0:
+        raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0: no LoRA) and model.lora_alpha > 0")
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ConfigError(f"model.lora_targets={m.lora_targets!r}: {unknown[0] if unknown else 'nothing'!r} is not a "
+                          f"matrix LoRA adapts (choose from {', '.join(LORA_TARGETS)})")
+    missing = [t for t in names if t not in shapes]
+    if missing:
+        raise ConfigError(f"model.lora_targets names {missing[0]!r}, which this model does not have (its MLP is "
+                          f"{m.activation}, without a gate); adaptable here: {', '.join(shapes)}")
+    small = [t for t in names if m.lora_rank > min(shapes[t])]
+    if small:
+        rows, cols = shapes[small[0]]
+        raise ConfigError(f"model.lora_rank={m.lora_rank} is larger than the {small[0]!r} matrix ({rows} x {cols}) "
+                          f"allows; use at most {min(rows, cols)}")
 
 
 def _positive(section, *names):

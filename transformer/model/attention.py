@@ -19,6 +19,7 @@ from transformer.model.layers import (
     rope_frequencies,
     rotary,
 )
+from transformer.model.lora import adapters, add_deltas, delta, fold
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -132,10 +133,26 @@ class Attention(nnx.Module):
         self.w_o_NHD = param(rngs, kernel_init(cfg, in_axis=(0, 1), out_axis=2, residual=True), (N, H, D),
                              ("heads", "head_dim", "embed"))
         self.b_o_D = bias_param(rngs, (D,), ("embed",)) if cfg.use_bias else None
+        heads, kv = ("heads", "head_dim"), ("kv_heads", "head_dim")
+        self.lora = adapters(cfg, {"q": (D, (N, H), "embed", heads), "k": (D, (K, H), "embed", kv),
+                                   "v": (D, (K, H), "embed", kv), "o": (N * H, (D,), None, ("embed",))}, rngs)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights they adapt, and drop them."""
+        for name, adapter in self.lora.items():
+            if name == "o":
+                fold(self.w_o_NHD, adapter)
+            elif self.fused:
+                fold(self.w_qkv_DCNH, adapter, "qkv".index(name))
+            elif name == "q":
+                fold(self.w_q_DNH, adapter)
+            else:
+                fold(self.w_kv_DCKH, adapter, "kv".index(name))
+        self.lora = None
 
     def _kv(self, x_BSD):
         """Keys and values of x, (B S K H) each, before any rotation."""
-        kv_BSCKH = dense(x_BSD, self.w_kv_DCKH[...], self.mm)
+        kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, self.lora, ("k", "v"), axis=2)
         if self.b_kv_CKH is not None:
             kv_BSCKH = kv_BSCKH + self.b_kv_CKH[...].astype(kv_BSCKH.dtype)
         return kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
@@ -143,14 +160,16 @@ class Attention(nnx.Module):
     def _project_in(self, x_BTD):
         """(q_BTNH, k_BSKH, v_BSKH) of self-attention."""
         if self.fused:
-            qkv_BTCNH = dense(x_BTD, self.w_qkv_DCNH[...], self.mm)
+            qkv_BTCNH = add_deltas(dense(x_BTD, self.w_qkv_DCNH[...], self.mm), x_BTD, self.lora, ("q", "k", "v"),
+                                   axis=2)
             if self.b_qkv_CNH is not None:
                 qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
             return qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
         return (self._q(x_BTD), *self._kv(x_BTD))
 
     def _q(self, x_BTD):
-        q_BTNH = dense(x_BTD, self.w_q_DNH[...], self.mm)
+        q_BTNH = add_deltas(dense(x_BTD, self.w_q_DNH[...], self.mm)[:, :, None], x_BTD, self.lora, ("q",),
+                            axis=2)[:, :, 0]
         if self.b_q_NH is not None:
             q_BTNH = q_BTNH + self.b_q_NH[...].astype(q_BTNH.dtype)
         return q_BTNH
@@ -164,6 +183,9 @@ class Attention(nnx.Module):
 
     def _project_out(self, out_BTNH):
         y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm)
+        lora_BTD = delta(self.lora, "o", out_BTNH.reshape(*out_BTNH.shape[:2], -1))
+        if lora_BTD is not None:
+            y_BTD = y_BTD + lora_BTD
         if self.b_o_D is not None:
             y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
         return y_BTD

@@ -9,7 +9,8 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.attention import Attention
-from transformer.model.layers import MLP, Norm, dropout
+from transformer.model.layers import Norm, dropout
+from transformer.model.mlp import MLP
 from transformer.sharding import ACT_BTD, constrain
 
 

@@ -266,35 +266,3 @@ class Norm(nnx.Module):
 
 
 ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu}
-
-
-class MLP(nnx.Module):
-    """Position-wise feed-forward: ReLU / GELU, or SwiGLU with a fused gate+up projection."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.ff_dim
-        self.activation = cfg.activation
-        self.mm = cfg.matmul_dtype
-        if self.activation == "swiglu":
-            self.w_in_DCF = param(rngs, kernel_init(cfg, in_axis=0, out_axis=2, batch_axis=1), (D, 2, F),
-                                  ("embed", None, "mlp"))
-        else:
-            self.w_in_DF = param(rngs, kernel_init(cfg), (D, F), ("embed", "mlp"))
-        self.w_out_FD = param(rngs, kernel_init(cfg, residual=True), (F, D), ("mlp", "embed"))
-        self.b_in_F = bias_param(rngs, (F,), ("mlp",)) if cfg.use_bias and self.activation != "swiglu" else None
-        self.b_out_D = bias_param(rngs, (D,), ("embed",)) if cfg.use_bias else None
-
-    def __call__(self, x_BTD):
-        if self.activation == "swiglu":
-            gate_up = dense(x_BTD, self.w_in_DCF[...], self.mm)
-            h_BTF = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        else:
-            h_BTF = dense(x_BTD, self.w_in_DF[...], self.mm)
-            if self.b_in_F is not None:
-                h_BTF = h_BTF + self.b_in_F[...].astype(h_BTF.dtype)
-            h_BTF = ACTIVATIONS[self.activation](h_BTF)
-        h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
-        y_BTD = dense(h_BTF, self.w_out_FD[...], self.mm)
-        if self.b_out_D is not None:
-            y_BTD = y_BTD + self.b_out_D[...].astype(y_BTD.dtype)
-        return y_BTD

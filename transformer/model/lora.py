@@ -1,0 +1,104 @@
+"""LoRA (Hu et al. 2021): a low-rank update beside a weight matrix, y = x W + (alpha / r) x A B, with A (inputs x r)
+drawn like a layer's weights and B (r x outputs) zero, so an adapted model starts as the model itself.
+
+Adapters are `LoRAParam`s (a kind of `nnx.Param`), so they can be split from the base weights with a filter: the
+base stays frozen and only the adapters train. `merged_params` folds them into the base weights for export.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transformer.config import ModelConfig
+from transformer.model.layers import ABSTRACT
+
+
+class LoRAParam(nnx.Param):
+    """A low-rank adapter weight."""
+
+
+def _lora_param(rngs: nnx.Rngs, init, shape, axes) -> LoRAParam:
+    if ABSTRACT.get():
+        return LoRAParam(jax.ShapeDtypeStruct(shape, jnp.float32), logical_axes=axes, decay=False)
+    return LoRAParam(init(rngs.params(), shape, jnp.float32), logical_axes=axes, decay=False)
+
+
+class Adapter(nnx.Module):
+    """x[..., I] -> (alpha / r) x A B, shaped like the adapted matrix's outputs `out` (e.g. (N, H))."""
+
+    def __init__(self, cfg: ModelConfig, d_in: int, out: tuple[int, ...], in_axis: str | None,
+                 out_axes: tuple[str | None, ...], *, rngs: nnx.Rngs):
+        r = cfg.lora_rank
+        bound = 1.0 / math.sqrt(d_in)  # A like a linear layer's default init (PEFT's too); B zero
+
+        def uniform(key, shape, dtype):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        self.a_IR = _lora_param(rngs, uniform, (d_in, r), (in_axis, None))
+        self.b_RO = _lora_param(rngs, jax.nn.initializers.zeros, (r, *out), (None, *out_axes))
+        self.scale = cfg.lora_alpha / r
+
+    def __call__(self, x):
+        h = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ self.a_IR[...]
+        y = (h @ self.b_RO[...].reshape(h.shape[-1], -1)) * self.scale
+        return y.reshape(*x.shape[:-1], *self.b_RO.shape[1:]).astype(x.dtype)
+
+
+def adapters(cfg: ModelConfig, shapes: dict[str, tuple], rngs: nnx.Rngs) -> nnx.Dict | None:
+    """The adapters of one block's matrices: `shapes` maps each adaptable name the module has to (d_in, out dims,
+    in axis, out axes); only those in cfg.lora_targets get one."""
+    if not cfg.lora_rank:
+        return None
+    chosen = {name: Adapter(cfg, *shapes[name], rngs=rngs) for name in cfg.lora_target_names if name in shapes}
+    return nnx.Dict(chosen) if chosen else None
+
+
+def delta(lora, name: str, x):
+    """The adapter `name`'s update for input x, or None when that matrix has none."""
+    return lora[name](x) if lora is not None and name in lora else None
+
+
+def add_deltas(y, x, lora, names: tuple[str, ...], axis: int):
+    """y (a fused projection, its parts stacked on `axis`, e.g. q, k, v) plus each part's adapter update."""
+    parts = [delta(lora, n, x) for n in names]
+    if all(p is None for p in parts):
+        return y
+    shape = list(y.shape)
+    del shape[axis]
+    parts = [jnp.zeros(shape, y.dtype) if p is None else p for p in parts]
+    return y + jnp.stack(parts, axis=axis)
+
+
+def lora_param_count(cfg: ModelConfig) -> int:
+    """Adapter parameters: rank x (inputs + outputs) per adapted matrix, in every attention (an encoder-decoder's
+    decoder layers have two: self and cross) and every MLP."""
+    n_dec = cfg.n_decoder_layers or cfg.n_layers
+    n_attn, n_mlp = ((cfg.n_layers + 2 * n_dec, cfg.n_layers + n_dec) if cfg.arch == "encoder_decoder"
+                     else (cfg.n_layers, cfg.n_layers))
+    shapes = cfg.lora_shapes()
+    per = {t: cfg.lora_rank * sum(shapes[t]) for t in cfg.lora_target_names}
+    return sum(n * per[t] for t in per for n in [n_attn if t in ("q", "k", "v", "o") else n_mlp])
+
+
+def fold(w: nnx.Param, adapter: Adapter, part: int | None = None) -> None:
+    """Add the adapter's update (alpha / r) A B into the matrix w (into slice `part` of its axis 1 when w fuses
+    several matrices, e.g. q / k / v)."""
+    r = adapter.a_IR.shape[1]
+    update = (adapter.a_IR[...] @ adapter.b_RO[...].reshape(r, -1)) * adapter.scale
+    if part is None:
+        w[...] = w[...] + update.reshape(w.shape)
+    else:
+        w[...] = w[...].at[:, part].add(update.reshape(w.shape[:1] + w.shape[2:]))
+
+
+def merged_params(model: nnx.Module) -> dict:
+    """The params of the same model without LoRA (cfg.lora_rank = 0): every adapter folded into its matrix. The model
+    given is left as it is."""
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if getattr(module, "lora", None) is not None:
+            module.merge_lora()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
