@@ -78,7 +78,7 @@ class ModelConfig:
     # only with swiglu).
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_targets: str = "q,k,v,o,gate,up,down"
+    lora_targets: str = "all"  # or a comma-separated list; "all": every matrix the model has
 
     @property
     def d_head(self) -> int:
@@ -94,13 +94,15 @@ class ModelConfig:
 
     @property
     def lora_target_names(self) -> tuple[str, ...]:
+        if self.lora_targets.strip() == "all":
+            return tuple(self.lora_shapes())
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """(inputs, outputs) of each matrix LoRA can adapt."""
         D, F, NH, KH = self.d_model, self.ff_dim, self.n_heads * self.d_head, self.kv_heads * self.d_head
-        shapes = {"q": (D, NH), "k": (D, KH), "v": (D, KH), "o": (NH, D), "up": (D, F), "down": (F, D)}
-        return {**shapes, "gate": (D, F)} if self.activation == "swiglu" else shapes
+        gate = {"gate": (D, F)} if self.activation == "swiglu" else {}
+        return {"q": (D, NH), "k": (D, KH), "v": (D, KH), "o": (NH, D), **gate, "up": (D, F), "down": (F, D)}
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -230,8 +232,8 @@ class Config:
             raise ConfigError("model.d_ff and model.vocab_size must be >= 0 (0 means automatic)")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-        if m.lora_rank:
-            _check_lora(m)
+        if m.lora_rank and not t.init_from:  # with init_from, checked against that model (train/setup.py)
+            check_lora(m)
         if o.lr <= 0 or o.min_lr < 0:
             raise ConfigError(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
         if o.warmup_steps < 0 or o.decay_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0:
@@ -272,7 +274,8 @@ def _build(cls, values: dict):
     return cls(**values)
 
 
-def _check_lora(m: ModelConfig) -> None:
+def check_lora(m: ModelConfig) -> None:
+    """LoRA's settings against the model's matrices (a one-line ConfigError)."""
     names, shapes = m.lora_target_names, m.lora_shapes()
     if m.lora_rank < 0 or m.lora_alpha <= 0:
         raise ConfigError(f"model.lora_rank={m.lora_rank} must be >= 0 (0: no LoRA) and model.lora_alpha > 0")

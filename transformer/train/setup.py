@@ -10,7 +10,7 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.checkpoint import CONFIG_FILE, abstract_like, read_run_config, write_json_atomic
-from transformer.config import Config, ConfigError, first_line
+from transformer.config import Config, ConfigError, check_lora, first_line
 from transformer.infer.loading import LoadedRun, load_run
 from transformer.model import abstract_model, build_model
 from transformer.tasks import Task, TaskData, task_of
@@ -48,8 +48,11 @@ def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData
     source = None
     if cfg.train.init_from:  # start from another run's model (e.g. an MLM run): its config, tokenizer, weights
         source = load_run(cfg.train.init_from, mesh=mesh)
+        lora = {k: getattr(cfg.model, k) for k in ("lora_rank", "lora_alpha", "lora_targets")}
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, dropout=cfg.model.dropout,
-                                                                 n_classes=0))
+                                                                 n_classes=0, **lora))
+        if cfg.model.lora_rank:
+            check_lora(cfg.model)
     task = task_of(cfg)
     data = task.prepare(cfg, run_dir, source and source.tokenizer)
     pipeline, vocab = task.pipeline(cfg, data, sharding.batch_shards(mesh))
@@ -69,7 +72,7 @@ def build_state(cfg: Config, mesh):
 
     def create():
         model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
-        return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0)[1]
+        return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0, lora=cfg.model.lora_rank > 0)[1]
 
     abstract = jax.eval_shape(create)
     graphdef = nnx.graphdef(abstract_model(cfg.model))
@@ -95,12 +98,22 @@ def init_or_restore(ckpt, latest: int | None, run_dir: str, abstract, shardings,
         pipeline.restore(meta["data_state"])
         return state
     state = create()
-    if source is not None:
+    if source is not None:  # leaf by leaf: a new head, or LoRA adapters, keep their fresh values
         params = state["params"]
-        for name in source.params:
-            if name in params:
-                params[name] = source.params[name]
+        pure = nnx.to_pure_dict(params)
+        _overlay(pure, nnx.to_pure_dict(source.params))
+        nnx.replace_by_pure_dict(params, pure)
         state = {**state, "params": params}
         if "ema" in state:
             state["ema"] = jax.tree.map(jax.numpy.copy, params)
     return state
+
+
+def _overlay(dst: dict, src: dict) -> None:
+    """dst's leaves replaced by src's wherever src has the same path."""
+    for k, v in src.items():
+        if k in dst:
+            if isinstance(v, dict) and isinstance(dst[k], dict):
+                _overlay(dst[k], v)
+            else:
+                dst[k] = v

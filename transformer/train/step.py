@@ -15,13 +15,21 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.config import Config
+from transformer.model.lora import LoRAParam
 from transformer.tasks import task_of
 from transformer.train.optim import update_ema
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool = False):
+def trained(params, lora: bool):
+    """(the params the optimizer trains, the frozen rest or None): with LoRA only the adapters train."""
+    return nnx.split_state(params, LoRAParam, ...) if lora else (params, None)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool = False,
+               lora: bool = False):
+    """With `lora`, the optimizer state covers the adapters only: the base weights never enter the optimizer."""
     graphdef, params = nnx.split(model, nnx.Param)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+    state = {"params": params, "opt_state": tx.init(trained(params, lora)[0]), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(seed))}
     if ema:
         state["ema"] = jax.tree.map(jnp.copy, params)
@@ -42,14 +50,16 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
     per-token figures.
     """
     use_dropout = cfg.model.dropout > 0
+    lora = cfg.model.lora_rank > 0
     task = task_of(cfg)
 
     def sums_fn(params, batch, key):
         model = nnx.merge(graphdef, params)
         return task.sums(model, batch, key if use_dropout else None, cfg.optim.label_smoothing)
 
-    def loss_fn(params, batch, key, count):
-        sums = sums_fn(params, batch, key)
+    def loss_fn(train_params, frozen, batch, key, count):
+        """Differentiated with respect to the trained params only: no gradient is computed for frozen weights."""
+        sums = sums_fn(nnx.merge_state(train_params, frozen) if lora else train_params, batch, key)
         return sums["loss"] / count, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -59,23 +69,25 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
         # A: gradient-accumulation micro-batches, summed in a scan so one optimizer step is one jit call. Every
         # micro-batch's loss sum is divided by the weight count of the whole step, so the accumulated gradient is
         # the gradient of the step's mean over tokens, whatever the split.
-        params, step = state["params"], state["step"]
+        step = state["step"]
+        params, frozen = trained(state["params"], lora)
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         A = batch_A["inputs"].shape[0]
         count = jnp.maximum(task.weights(batch_A).sum(), 1.0)
         if A == 1:
-            grads, sums = grad_fn(params, jax.tree.map(lambda a: a[0], batch_A), key, count)
+            grads, sums = grad_fn(params, frozen, jax.tree.map(lambda a: a[0], batch_A), key, count)
         else:
             def micro(carry, inputs):
                 batch, i = inputs
-                grads, sums = grad_fn(params, batch, jax.random.fold_in(key, i), count)
+                grads, sums = grad_fn(params, frozen, batch, jax.random.fold_in(key, i), count)
                 return jax.tree.map(jnp.add, carry, (sums["loss"], grads)), None
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
             (loss_sum, grads), _ = jax.lax.scan(micro, zero, (batch_A, jnp.arange(A)))
             sums = {"loss": loss_sum}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": step + 1,
-                     "rng": state["rng"]}
+        params = optax.apply_updates(params, updates)
+        new_state = {"params": nnx.merge_state(params, frozen) if lora else params, "opt_state": opt_state,
+                     "step": step + 1, "rng": state["rng"]}
         if "ema" in state:
             new_state["ema"] = update_ema(state["ema"], new_state["params"], step, cfg.optim.ema_decay)
         return new_state, {"loss": sums["loss"] / count, "grad_norm": optax.tree.norm(grads),
