@@ -149,6 +149,14 @@ def test_lora_chat_fine_tuning_end_to_end(tmp_path):
     chat = run("sample.py", "--checkpoint", str(tmp_path / "run"), "--chat", "--greedy", "--max-new-tokens", "8",
                stdin="the cat\n")
     assert chat.returncode == 0 and chat.stdout.strip().startswith("sat on the mat"), chat.stdout + chat.stderr
+    exported = run("-m", "transformer.export", str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    from transformer.infer.loading import load_run
+    adapted, merged = load_run(str(tmp_path / "run")), load_run(str(tmp_path / "hf"))  # adapters folded in
+    assert adapted.cfg.model.lora_rank == 8 and merged.cfg.model.lora_rank == 0
+    x = jnp.asarray([[1, 5, 9, 33, 70, 2]])
+    np.testing.assert_allclose(nnx.merge(merged.graphdef, merged.params)(x),
+                               nnx.merge(adapted.graphdef, adapted.params)(x), rtol=1e-4, atol=1e-5)
     bad = run("train.py", *common, "--train.run_dir", str(tmp_path / "bad"), "--model.lora_rank=8",
               "--model.lora_targets=q,w")
     assert bad.returncode == 2 and "'w' is not a matrix LoRA adapts" in bad.stderr

@@ -11,6 +11,7 @@ on stderr and exit code 2, and nothing is written unless the whole export succee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from transformer.cli import die, quiet_jax_logs
@@ -45,13 +46,19 @@ def main(argv=None) -> int:
     from transformer.config import ConfigError
     from transformer.convert.hf import decoder_family, export_hf
     from transformer.infer.loading import load_run
+    from transformer.model.lora import merged_params
 
     try:
         run = load_run(args.run, args.step)
-        decoder_family(run.cfg.model)  # refuse before anything is read to the host
-        params = nnx.to_pure_dict(run.params)
+        cfg = run.cfg.model
+        decoder_family(cfg)  # refuse before anything is read to the host
+        if cfg.lora_rank:  # LoRA adapters folded into the weights they adapt: a plain model goes out
+            params = merged_params(nnx.merge(run.graphdef, run.params))
+            cfg = dataclasses.replace(cfg, lora_rank=0)
+        else:
+            params = nnx.to_pure_dict(run.params)
         tok = hf_tokenizer(run.tokenizer)
-        kind = export_hf(run.cfg.model, params, tok, args.out_dir)
+        kind = export_hf(cfg, params, tok, args.out_dir)
     except ConfigError as e:
         die(str(e))
     note = "" if tok is not None else " (no tokenizer: a sentencepiece tokenizer has no Hugging Face form here yet)"
