@@ -14,8 +14,10 @@ def flops_per_token(cfg: Config, n_params: int) -> float:
     m = cfg.model
     n_nonembed = n_params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 0)
     n_nonembed -= m.max_len * m.d_model if m.positions == "learned" else 0
-    # The tied unembedding is a real matmul every step: count it back in.
-    return 6 * (n_nonembed + m.vocab_size * m.d_model) + 12 * m.n_layers * m.max_len * m.d_model
+    # The tied unembedding is a real matmul every step: count it back in. With LoRA the frozen weights get no
+    # gradient of their own: 2 N forward + 2 N for the inputs' gradients (the small adapters are left out).
+    per_weight = 4 if m.lora_rank else 6
+    return per_weight * (n_nonembed + m.vocab_size * m.d_model) + 12 * m.n_layers * m.max_len * m.d_model
 
 
 # Peak dense TFLOP/s per chip for MFU, bf16 unless noted; override with --train.peak_tflops.
