@@ -157,9 +157,54 @@ def test_lora_chat_fine_tuning_end_to_end(tmp_path):
     x = jnp.asarray([[1, 5, 9, 33, 70, 2]])
     np.testing.assert_allclose(nnx.merge(merged.graphdef, merged.params)(x),
                                nnx.merge(adapted.graphdef, adapted.params)(x), rtol=1e-4, atol=1e-5)
+    peft = run("-m", "transformer.export", str(tmp_path / "run"), str(tmp_path / "peft"), "--peft")
+    assert peft.returncode == 0 and "PEFT LoRA adapters of 14 matrices (rank 8)" in peft.stdout, peft.stderr
+    again = run("-m", "transformer.export", str(tmp_path / "run"), str(tmp_path / "peft"), "--peft")
+    assert again.returncode == 2 and "exists" in again.stderr  # the first export is left as it was
     bad = run("train.py", *common, "--train.run_dir", str(tmp_path / "bad"), "--model.lora_rank=8",
               "--model.lora_targets=q,w")
     assert bad.returncode == 2 and "'w' is not a matrix LoRA adapts" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     saved = tmp_path / "bad" / "checkpoints"
     assert not saved.exists() or not any(p.name.isdigit() for p in saved.iterdir())
+
+
+def test_adapters_round_trip_through_the_peft_format(tmp_path):
+    """Adapters written as PEFT files (adapter_config.json + adapter_model.safetensors) read back identically, and the
+    base model plus the read adapters is the adapted model. (That `peft` itself loads them onto transformers with
+    the same logits was checked with peft 0.x in the torch venv: see the issue note.)"""
+    import json
+
+    from transformer.convert.peft import export_peft, import_peft
+
+    cfg = with_lora(GQA, 4, "q,v,o,down")
+    adapted = build_model(cfg, nnx.Rngs(0))
+    leaves, tree = jax.tree.flatten(nnx.state(adapted, LoRAParam))
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    nnx.update(adapted, jax.tree.unflatten(tree, [jax.random.normal(k, v.shape) * 0.1 for k, v in zip(keys, leaves)]))
+    adapters = nnx.to_pure_dict(nnx.state(adapted, LoRAParam))
+    assert export_peft(cfg, adapters, str(tmp_path / "peft")) == 4 * GQA.n_layers
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    back_cfg, back = import_peft(GQA, str(tmp_path / "peft"))
+    assert (back_cfg.lora_rank, back_cfg.lora_alpha, set(back_cfg.lora_target_names)) == (4, cfg.lora_alpha,
+                                                                                          {"q", "v", "o", "down"})
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(adapters)[0], jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+    rebuilt = build_model(back_cfg, nnx.Rngs(9))
+    pure = nnx.to_pure_dict(nnx.state(adapted, nnx.Param))
+    load(rebuilt, _overlay_pure(pure, back))
+    x = tokens(GQA)
+    np.testing.assert_array_equal(forward(rebuilt, x), forward(adapted, x))
+    with pytest.raises(ConfigError, match="exists"):
+        export_peft(cfg, adapters, str(tmp_path / "peft"))
+    config["target_modules"] = ["q_proj", "c_attn"]
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="c_attn"):
+        import_peft(GQA, str(tmp_path / "peft"))
+
+
+def _overlay_pure(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        dst[k] = _overlay_pure(dst[k], v) if isinstance(v, dict) else v
+    return dst

@@ -3,6 +3,7 @@ Face directory that transformers loads with the same logits:
 
     python -m transformer.export runs/default exported/
     python -m transformer.export runs/default exported/ --step 1000
+    python -m transformer.export runs/sft_lora adapters/ --peft      # a LoRA run's adapters alone, for peft
 
 The model's shape picks the family (GPT-2, or Llama / Mistral / Qwen2); the tokenizer goes along when it has a
 Hugging Face form (imported tokenizers, and char tokenizers as a one-token-per-character BPE). Bad input is one line
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="run directory, Hugging Face model directory or .gguf file")
     ap.add_argument("out_dir", help="the directory to write (must not exist)")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--peft", action="store_true",
+                    help="a LoRA run: write its adapters alone in the PEFT format (adapter_config.json + "
+                         "adapter_model.safetensors) instead of the merged model")
     args = ap.parse_args(argv)
     quiet_jax_logs()
     import jax
@@ -45,12 +49,19 @@ def main(argv=None) -> int:
 
     from transformer.config import ConfigError
     from transformer.convert.hf import decoder_family, export_hf
+    from transformer.convert.peft import export_peft
     from transformer.infer.loading import load_run
-    from transformer.model.lora import merged_params
+    from transformer.model.lora import LoRAParam, merged_params
 
     try:
         run = load_run(args.run, args.step)
         cfg = run.cfg.model
+        if args.peft:
+            n = export_peft(cfg, nnx.to_pure_dict(nnx.state(nnx.merge(run.graphdef, run.params), LoRAParam)),
+                            args.out_dir, base=run.cfg.train.init_from)
+            print(f"wrote {args.out_dir}: PEFT LoRA adapters of {n} matrices (rank {cfg.lora_rank}) for "
+                  f"{run.cfg.train.init_from or 'the base model'}")
+            return 0
         decoder_family(cfg)  # refuse before anything is read to the host
         if cfg.lora_rank:  # LoRA adapters folded into the weights they adapt: a plain model goes out
             params = merged_params(nnx.merge(run.graphdef, run.params))
