@@ -19,7 +19,7 @@ from transformer.model.layers import (
     rope_frequencies,
     rotary,
 )
-from transformer.model.lora import adapters, add_deltas, delta, fold
+from transformer.model.lora import adapters, add_delta, add_deltas, fold
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -168,8 +168,7 @@ class Attention(nnx.Module):
         return (self._q(x_BTD), *self._kv(x_BTD))
 
     def _q(self, x_BTD):
-        q_BTNH = add_deltas(dense(x_BTD, self.w_q_DNH[...], self.mm)[:, :, None], x_BTD, self.lora, ("q",),
-                            axis=2)[:, :, 0]
+        q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, self.lora, "q")
         if self.b_q_NH is not None:
             q_BTNH = q_BTNH + self.b_q_NH[...].astype(q_BTNH.dtype)
         return q_BTNH
@@ -182,10 +181,8 @@ class Attention(nnx.Module):
         return {"k": k_BSKH.transpose(0, 2, 3, 1), "v": v_BSKH.transpose(0, 2, 1, 3)}
 
     def _project_out(self, out_BTNH):
-        y_BTD = dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm)
-        lora_BTD = delta(self.lora, "o", out_BTNH.reshape(*out_BTNH.shape[:2], -1))
-        if lora_BTD is not None:
-            y_BTD = y_BTD + lora_BTD
+        y_BTD = add_delta(dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm),
+                          out_BTNH.reshape(*out_BTNH.shape[:2], -1), self.lora, "o")
         if self.b_o_D is not None:
             y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
         return y_BTD

@@ -61,6 +61,12 @@ def delta(lora, name: str, x):
     return lora[name](x) if lora is not None and name in lora else None
 
 
+def add_delta(y, x, lora, name: str):
+    """y (the matrix `name`'s output for input x) plus its adapter's update, if it has one."""
+    d = delta(lora, name, x)
+    return y if d is None else y + d
+
+
 def add_deltas(y, x, lora, names: tuple[str, ...], axis: int):
     """y (a fused projection, its parts stacked on `axis`, e.g. q, k, v) plus each part's adapter update."""
     parts = [delta(lora, n, x) for n in names]

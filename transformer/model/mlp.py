@@ -7,7 +7,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.layers import ACTIVATIONS, bias_param, dense, kernel_init, param
-from transformer.model.lora import adapters, add_deltas, fold
+from transformer.model.lora import adapters, add_delta, add_deltas, fold
 from transformer.sharding import constrain
 
 
@@ -45,14 +45,12 @@ class MLP(nnx.Module):
             gate_up = add_deltas(dense(x_BTD, self.w_in_DCF[...], self.mm), x_BTD, self.lora, ("gate", "up"), axis=2)
             h_BTF = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         else:
-            h_BTF = add_deltas(dense(x_BTD, self.w_in_DF[...], self.mm)[:, :, None], x_BTD, self.lora, ("up",),
-                               axis=2)[:, :, 0]
+            h_BTF = add_delta(dense(x_BTD, self.w_in_DF[...], self.mm), x_BTD, self.lora, "up")
             if self.b_in_F is not None:
                 h_BTF = h_BTF + self.b_in_F[...].astype(h_BTF.dtype)
             h_BTF = ACTIVATIONS[self.activation](h_BTF)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
-        y_BTD = add_deltas(dense(h_BTF, self.w_out_FD[...], self.mm)[:, :, None], h_BTF, self.lora, ("down",),
-                           axis=2)[:, :, 0]
+        y_BTD = add_delta(dense(h_BTF, self.w_out_FD[...], self.mm), h_BTF, self.lora, "down")
         if self.b_out_D is not None:
             y_BTD = y_BTD + self.b_out_D[...].astype(y_BTD.dtype)
         return y_BTD
