@@ -23,6 +23,20 @@ def take_across_epochs(order_of, epoch: int, index: int, n: int, convert=None) -
     return np.concatenate(out), epoch, index
 
 
+def bucketed_plan(seed: int, epoch: int, lengths, buckets: list[int], per_batch) -> list[np.ndarray]:
+    """An epoch's batches of example indices: the examples grouped by the smallest length bucket that holds them,
+    shuffled within buckets, cut into batches of `per_batch(bucket length)`, and the batches shuffled; seeded by
+    (seed, epoch) alone."""
+    rng = np.random.default_rng([seed, epoch])
+    bucket_of = np.searchsorted(buckets, lengths)
+    batches = []
+    for b in np.unique(bucket_of):
+        members = rng.permutation(np.flatnonzero(bucket_of == b))
+        n = per_batch(buckets[b])
+        batches += [members[k:k + n] for k in range(0, len(members), n)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def next_in_plan(plan_of, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
     """The next batch of a per-epoch plan (`plan_of(epoch)`: a list of index arrays), and the position after it."""
     plan = plan_of(epoch)

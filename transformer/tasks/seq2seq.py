@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer.config import Config, ConfigError
-from transformer.data.blocks import checked_position, next_in_plan
+from transformer.data.blocks import bucketed_plan, checked_position, next_in_plan
 from transformer.data.prepare import hold_out, text_tokenizer
 from transformer.data.sources import load_pairs
 from transformer.data.specials import translation_ids
@@ -89,15 +89,8 @@ class Seq2SeqPipeline:
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         if self._plan_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            need = np.array([self._need(p) for p in self.train])
-            bucket_of = np.searchsorted(self.buckets, need)
-            batches = []
-            for b in np.unique(bucket_of):
-                members = rng.permutation(np.flatnonzero(bucket_of == b))
-                n = self.pairs_for(self.buckets[b])
-                batches += [members[k:k + n] for k in range(0, len(members), n)]
-            self._batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._batches = bucketed_plan(self.seed, epoch, np.array([self._need(p) for p in self.train]),
+                                          self.buckets, self.pairs_for)
             self._plan_epoch = epoch
         return self._batches
 

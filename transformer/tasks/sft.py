@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from transformer.config import Config, ConfigError
-from transformer.data.blocks import checked_position, next_in_plan
+from transformer.data.blocks import bucketed_plan, checked_position, next_in_plan
 from transformer.data.prepare import hold_out
 from transformer.data.sources import load_conversations
 from transformer.data.tokenizer import save_tokenizer
@@ -91,13 +91,8 @@ class SFTPipeline:
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         if self._plan_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            bucket_of = np.searchsorted(self.buckets, [self._length(e) for e in self.train])
-            batches = []
-            for b in np.unique(bucket_of):
-                members = rng.permutation(np.flatnonzero(bucket_of == b))
-                batches += [members[k:k + self.batch_rows] for k in range(0, len(members), self.batch_rows)]
-            self._batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._batches = bucketed_plan(self.seed, epoch, [self._length(e) for e in self.train], self.buckets,
+                                          lambda _: self.batch_rows)
             self._plan_epoch = epoch
         return self._batches
 
