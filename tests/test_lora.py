@@ -122,24 +122,16 @@ def test_lora_chat_fine_tuning_end_to_end(tmp_path):
     adapters applied unmerged); a target the model lacks is refused in one line."""
     import json
     import os
-    import subprocess
-    import sys
 
-    from conftest import FAST_COMPILE
+    from test_decoders import cli as run
     from test_decoders import write_tiny
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ref = np.load(os.path.join(repo, "tests", "fixtures", "tiny_decoders_reference.npz"))
+    ref = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_decoders_reference.npz"))
     model = write_tiny(tmp_path / "llama", ref, "llama")
     data = tmp_path / "cat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the cat"},
                                                      {"role": "assistant", "content": "sat on the mat"}]}) + "\n"
                             for _ in range(20)))
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
-
-    def run(*args, stdin=None):
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=repo, input=stdin,
-                              timeout=300)
 
     common = ["--train.task=sft", "--train.init_from", model, "--data.path", str(data), "--train.batch_size=4",
               "--optim.lr=3e-2", "--optim.warmup_steps=2", "--train.progress=false"]
@@ -176,6 +168,7 @@ def test_adapters_round_trip_through_the_peft_format(tmp_path):
     import json
 
     from transformer.convert.peft import export_peft, import_peft
+    from transformer.train.setup import overlay
 
     cfg = with_lora(GQA, 4, "q,v,o,down")
     adapted = build_model(cfg, nnx.Rngs(0))
@@ -193,7 +186,8 @@ def test_adapters_round_trip_through_the_peft_format(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
     rebuilt = build_model(back_cfg, nnx.Rngs(9))
     pure = nnx.to_pure_dict(nnx.state(adapted, nnx.Param))
-    load(rebuilt, _overlay_pure(pure, back))
+    overlay(pure, back)
+    load(rebuilt, pure)
     x = tokens(GQA)
     np.testing.assert_array_equal(forward(rebuilt, x), forward(adapted, x))
     with pytest.raises(ConfigError, match="exists"):
@@ -203,8 +197,3 @@ def test_adapters_round_trip_through_the_peft_format(tmp_path):
     with pytest.raises(ConfigError, match="c_attn"):
         import_peft(GQA, str(tmp_path / "peft"))
 
-
-def _overlay_pure(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        dst[k] = _overlay_pure(dst[k], v) if isinstance(v, dict) else v
-    return dst

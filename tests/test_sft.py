@@ -120,21 +120,14 @@ def test_a_model_without_a_chat_template_is_refused(ref, tmp_path):
 
 
 def test_train_sft_then_chat_with_the_result(ref, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import FAST_COMPILE
+    from test_decoders import cli as run
     from test_decoders import write_tiny
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = write_tiny(tmp_path / "llama", ref, "llama")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the cat"},
                                                      {"role": "assistant", "content": "sat on the mat"}]}) + "\n"
                             for _ in range(20)))
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
-    run = lambda *a, stdin=None: subprocess.run([sys.executable, *a], capture_output=True, text=True, env=env,  # noqa
-                                                cwd=repo, input=stdin, timeout=300)
     out = run("train.py", "--train.task=sft", "--train.init_from", model, "--data.path", str(data),
               "--train.run_dir", str(tmp_path / "run"), "--train.steps=40", "--train.batch_size=4",
               "--optim.lr=1e-2", "--optim.warmup_steps=2", "--train.progress=false", "--train.eval_interval=40",

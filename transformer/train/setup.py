@@ -101,7 +101,7 @@ def init_or_restore(ckpt, latest: int | None, run_dir: str, abstract, shardings,
     if source is not None:  # leaf by leaf: a new head, or LoRA adapters, keep their fresh values
         params = state["params"]
         pure = nnx.to_pure_dict(params)
-        _overlay(pure, nnx.to_pure_dict(source.params))
+        overlay(pure, nnx.to_pure_dict(source.params))
         nnx.replace_by_pure_dict(params, pure)
         state = {**state, "params": params}
         if "ema" in state:
@@ -109,11 +109,11 @@ def init_or_restore(ckpt, latest: int | None, run_dir: str, abstract, shardings,
     return state
 
 
-def _overlay(dst: dict, src: dict) -> None:
+def overlay(dst: dict, src: dict) -> None:
     """dst's leaves replaced by src's wherever src has the same path."""
     for k, v in src.items():
         if k in dst:
             if isinstance(v, dict) and isinstance(dst[k], dict):
-                _overlay(dst[k], v)
+                overlay(dst[k], v)
             else:
                 dst[k] = v
