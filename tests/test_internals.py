@@ -138,7 +138,7 @@ def test_the_training_step_compiles_to_the_same_program():
         batch = {"inputs": jnp.ones((1, 2, 13), jnp.int32), "targets": jnp.ones((1, 2, 13), jnp.int32)}
         return train_step.lower(state, batch).as_text()
 
-    def textbook(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights):
+    def textbook(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights, lora=None):
         B, T, N, H = q_BTNH.shape
         K = k_BKHS.shape[1]
         G = N // K
@@ -150,7 +150,7 @@ def test_the_training_step_compiles_to_the_same_program():
         S = k_BKHS.shape[-1]
         p_BKMS = probs_BKGTS.astype(v_BKSH.dtype).reshape(B, K, G * T, S)
         out_BKMH = 0.0 + jnp.einsum("BKMS,BKSH->BKMH", p_BKMS, v_BKSH)
-        return self._project_out(out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H))
+        return self._project_out(out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H), lora)
 
     ours = program()
     original = attention_module.Attention._attend_full

@@ -48,7 +48,7 @@ def export_peft(cfg: ModelConfig, params: dict, out_dir: str, base: str = "") ->
             tensors[f"{PREFIX}.{i}.{module}.lora_A.weight"] = np.ascontiguousarray(a_IR.T)
             tensors[f"{PREFIX}.{i}.{module}.lora_B.weight"] = np.ascontiguousarray(b_RO.reshape(r, -1).T)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "lora_dropout": cfg.lora_dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "target_modules": sorted(MODULES[n][1].split(".")[1] for n in cfg.lora_target_names),
               "base_model_name_or_path": base}
     tmp = tempfile.mkdtemp(prefix=".peft-", dir=os.path.dirname(os.path.abspath(out_dir)))
@@ -85,7 +85,8 @@ def import_peft(cfg: ModelConfig, path: str) -> tuple[ModelConfig, dict]:
         raise ConfigError(f"{path}: target_modules {config.get('target_modules')} name a module these models lack "
                           f"(known: {', '.join(by_module)})")
     cfg = dataclasses.replace(cfg, lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
-                              lora_targets=",".join(n for n in MODULES if n in targets))
+                              lora_targets=",".join(n for n in MODULES if n in targets),
+                              lora_dropout=float(config.get("lora_dropout") or 0.0))
     _check(cfg)
     shapes = cfg.lora_shapes()
     out, r = {"blocks": {}}, cfg.lora_rank

@@ -19,7 +19,7 @@ from transformer.model.layers import (
     rope_frequencies,
     rotary,
 )
-from transformer.model.lora import adapters, add_delta, add_deltas, fold
+from transformer.model.lora import adapters, add_delta, add_deltas, fold, with_dropout
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -32,6 +32,13 @@ def causal_mask(q_positions_BT, kv_positions_BS, window: int = 0):
     q_B1T1, kv_B11S = q_positions_BT[:, None, :, None], kv_positions_BS[:, None, None, :]
     mask = q_B1T1 >= kv_B11S
     return mask & (q_B1T1 - kv_B11S < window) if window else mask
+
+
+def segment_mask(segments_BT, positions_BT, window: int = 0):
+    """The causal mask of rows packed with several sequences: a token sees the earlier tokens of its own segment
+    only (segment ids, 0 for padding; positions restart at 0 in each segment), so no sequence attends to another."""
+    same_B1TS = segments_BT[:, None, :, None] == segments_BT[:, None, None, :]
+    return causal_mask(positions_BT, positions_BT, window) & same_B1TS
 
 
 ACT_BTNH = ("batch", "length", "act_heads", None)
@@ -150,39 +157,41 @@ class Attention(nnx.Module):
                 fold(self.w_kv_DCKH, adapter, "kv".index(name))
         self.lora = None
 
-    def _kv(self, x_BSD):
-        """Keys and values of x, (B S K H) each, before any rotation."""
-        kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, self.lora, ("k", "v"), axis=2)
+    def _kv(self, x_BSD, lora=None):
+        """Keys and values of x, (B S K H) each, before any rotation. `lora`: the adapters as called in training
+        (`with_dropout`); self.lora when not given."""
+        lora = self.lora if lora is None else lora
+        kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, lora, ("k", "v"), axis=2)
         if self.b_kv_CKH is not None:
             kv_BSCKH = kv_BSCKH + self.b_kv_CKH[...].astype(kv_BSCKH.dtype)
         return kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
 
-    def _project_in(self, x_BTD):
+    def _project_in(self, x_BTD, lora=None):
         """(q_BTNH, k_BSKH, v_BSKH) of self-attention."""
         if self.fused:
-            qkv_BTCNH = add_deltas(dense(x_BTD, self.w_qkv_DCNH[...], self.mm), x_BTD, self.lora, ("q", "k", "v"),
-                                   axis=2)
+            qkv_BTCNH = add_deltas(dense(x_BTD, self.w_qkv_DCNH[...], self.mm), x_BTD,
+                                   self.lora if lora is None else lora, ("q", "k", "v"), axis=2)
             if self.b_qkv_CNH is not None:
                 qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
             return qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
-        return (self._q(x_BTD), *self._kv(x_BTD))
+        return (self._q(x_BTD, lora), *self._kv(x_BTD, lora))
 
-    def _q(self, x_BTD):
-        q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, self.lora, "q")
+    def _q(self, x_BTD, lora=None):
+        q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, self.lora if lora is None else lora, "q")
         if self.b_q_NH is not None:
             q_BTNH = q_BTNH + self.b_q_NH[...].astype(q_BTNH.dtype)
         return q_BTNH
 
-    def cross_kv(self, context_BSD) -> dict:
+    def cross_kv(self, context_BSD, lora=None) -> dict:
         """Cross-attention keys and values of the encoder output ({"k": B K H S, "v": B K S H}): computed once per
         source and reused at every decoding step."""
-        k_BSKH, v_BSKH = self._kv(context_BSD)
+        k_BSKH, v_BSKH = self._kv(context_BSD, lora)
         k_BSKH, v_BSKH = constrain(k_BSKH, ACT_BSKH), constrain(v_BSKH, ACT_BSKH)
         return {"k": k_BSKH.transpose(0, 2, 3, 1), "v": v_BSKH.transpose(0, 2, 1, 3)}
 
-    def _project_out(self, out_BTNH):
+    def _project_out(self, out_BTNH, lora=None):
         y_BTD = add_delta(dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm),
-                          out_BTNH.reshape(*out_BTNH.shape[:2], -1), self.lora, "o")
+                          out_BTNH.reshape(*out_BTNH.shape[:2], -1), self.lora if lora is None else lora, "o")
         if self.b_o_D is not None:
             y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
         return y_BTD
@@ -195,11 +204,13 @@ class Attention(nnx.Module):
         takes the encoder output as `context_BSD`, or its precomputed `context_kv` (from `cross_kv`).
         With `weights` (no cache) it returns (y_BTD, probs_BNTS): the attention probabilities it used, for looking
         inside the model; the computation is the same, so the default call's program does not change."""
+        # the adapters' own dropout (lora_dropout) draws from a key of its own
+        lora = with_dropout(self.lora, None if dropout_key is None else jax.random.fold_in(dropout_key, 1))
         if self.cross:
-            kv = self.cross_kv(context_BSD) if context_kv is None else context_kv
-            return self._attend_full(constrain(self._q(x_BTD), ACT_BTNH), kv["k"], kv["v"], mask_B1TS, dropout_key,
-                                     weights)
-        q_BTNH, k_BSKH, v_BSKH = self._project_in(x_BTD)
+            kv = self.cross_kv(context_BSD, lora) if context_kv is None else context_kv
+            return self._attend_full(constrain(self._q(x_BTD, lora), ACT_BTNH), kv["k"], kv["v"], mask_B1TS,
+                                     dropout_key, weights, lora)
+        q_BTNH, k_BSKH, v_BSKH = self._project_in(x_BTD, lora)
         if self.rotary:  # keys are cached already rotated: rotary scores depend only on relative position
             q_BTNH = rotary(q_BTNH, positions_BT, self.inv_freq_h)
             k_BSKH = rotary(k_BSKH, positions_BT, self.inv_freq_h)
@@ -207,7 +218,7 @@ class Attention(nnx.Module):
         k_BSKH, v_BSKH = constrain(k_BSKH, ACT_BSKH), constrain(v_BSKH, ACT_BSKH)
         k_BKHS, v_BKSH = k_BSKH.transpose(0, 2, 3, 1), v_BSKH.transpose(0, 2, 1, 3)
         if cache is None:
-            return self._attend_full(q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights)
+            return self._attend_full(q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights, lora)
         # The mask covers all cache slots; the new tokens' own slots [cache_index, cache_index + T) are attended
         # through the fresh k, v (block 2), the older slots through the cache as it was (block 1).
         S, T = cache["v"].shape[2], x_BTD.shape[1]
@@ -223,11 +234,11 @@ class Attention(nnx.Module):
                                                    (0, 0, cache_index, 0))}
         return self._project_out(out_BTNH), cache
 
-    def _attend_full(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights: bool):
+    def _attend_full(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights: bool, lora=None):
         blocks = [(k_BKHS, v_BKSH, mask_B1TS)]
         probs_BKGTS = attention_probs(q_BTNH, blocks)
         out_BTNH = mix_values(probs_BKGTS, blocks, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
-        y_BTD = self._project_out(out_BTNH)
+        y_BTD = self._project_out(out_BTNH, lora)
         return (y_BTD, heads_first(probs_BKGTS)) if weights else y_BTD
 
 

@@ -42,7 +42,7 @@ class Block(nnx.Module):
         """Returns x_BTD, or (x_BTD, new_cache) when a self-attention `cache` is given, or (x_BTD, probs) with
         `weights`: {"self": B N T T, "cross": B N T S or None}, the attention probabilities of this layer. A
         cross-attention block reads the encoder output `context_BSD`, or this layer's precomputed `context_kv`."""
-        k = split_key(dropout_key, 5)
+        k = split_key(dropout_key, 6)
         extra = {}  # the new cache, or the attention probabilities: a second result only when asked for
         x_BTD = constrain(x_BTD, ACT_BTD)
 
@@ -62,7 +62,7 @@ class Block(nnx.Module):
             x_BTD = self._residual(x_BTD, self.cross_norm, sublayer(
                 self.cross_attn, "cross", mask_B1TS=context_mask_B1TS, context_BSD=context_BSD,
                 context_kv=context_kv, dropout_key=k[4], weights=weights), k[2])
-        x_BTD = constrain(self._residual(x_BTD, self.mlp_norm, self.mlp, k[3]), ACT_BTD)
+        x_BTD = constrain(self._residual(x_BTD, self.mlp_norm, lambda h: self.mlp(h, dropout_key=k[5]), k[3]), ACT_BTD)
         if cache is not None:
             return x_BTD, extra["self"]
         if weights:

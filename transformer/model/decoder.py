@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.model.attention import causal_mask, init_kv_cache
+from transformer.model.attention import causal_mask, init_kv_cache, segment_mask
 from transformer.model.block import Block, apply_blocks, split_key
 from transformer.model.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 
@@ -25,12 +25,15 @@ class DecoderLM(nnx.Module):
         self.unembed_DV = None if cfg.tie_embeddings else param(
             rngs, kernel_init(cfg), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
-    def __call__(self, tokens_BT, *, positions_BT=None, mask_B1TS=None, dropout_key=None, cache=None,
-                 cache_index=None, internals: bool = False):
+    def __call__(self, tokens_BT, *, positions_BT=None, mask_B1TS=None, segments_BT=None, logits_at_BN=None,
+                 dropout_key=None, cache=None, cache_index=None, internals: bool = False):
         """Next-token logits (float32).
 
         Full forward by default: positions 0..T-1 and a causal mask (over the last `sliding_window` tokens when the
-        config has one). For decoding pass `cache` (from
+        config has one). Rows packed with several sequences pass `segments_BT` (each token's sequence id, 0 for
+        padding) and `positions_BT` restarting at 0 in each sequence: tokens then attend within their own sequence
+        only. `logits_at_BN` (indices along T, per row) returns logits (B N V) at those positions only, the others
+        never computed (fine-tuning learns a few positions of each row). For decoding pass `cache` (from
         `init_cache`), the slot `cache_index` where these T tokens go, their `positions_BT`, and `mask_B1TS` over the
         cache slots; it then returns (logits, new_cache).
         With `internals` it returns (logits, {"attention": per layer B N T T, "residual": the residual stream
@@ -40,7 +43,9 @@ class DecoderLM(nnx.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if mask_B1TS is None:
+        if mask_B1TS is None and segments_BT is not None:
+            mask_B1TS = segment_mask(segments_BT, positions_BT, cfg.sliding_window)
+        elif mask_B1TS is None:
             mask_B1TS = causal_mask(positions_BT, positions_BT, cfg.sliding_window)
         keys = split_key(dropout_key, cfg.n_layers + 1)
         x_BTD = self.embed(tokens_BT, DTYPES[cfg.dtype])
@@ -57,6 +62,8 @@ class DecoderLM(nnx.Module):
             return self.unembed(x_BTD), new_cache
         x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, internals=internals, mask_B1TS=mask_B1TS,
                                    positions_BT=positions_BT)
+        if logits_at_BN is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[:, :, None], axis=1)  # B N D
         logits_BTV = self.unembed(x_BTD)
         return (logits_BTV, seen) if internals else logits_BTV
 

@@ -6,6 +6,7 @@ base stays frozen and only the adapters train. `merged_params` folds them into t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.model.layers import ABSTRACT
+from transformer.model.layers import ABSTRACT, dropout
 
 
 class LoRAParam(nnx.Param):
@@ -24,6 +25,11 @@ def _lora_param(rngs: nnx.Rngs, init, shape, axes) -> LoRAParam:
     if ABSTRACT.get():
         return LoRAParam(jax.ShapeDtypeStruct(shape, jnp.float32), logical_axes=axes, decay=False)
     return LoRAParam(init(rngs.params(), shape, jnp.float32), logical_axes=axes, decay=False)
+
+
+def adapter_state(params: nnx.State) -> nnx.State:
+    """The adapters of a params State (or of its abstract or sharding twin), without the base weights."""
+    return nnx.split_state(params, LoRAParam, ...)[0]
 
 
 class Adapter(nnx.Module):
@@ -40,8 +46,11 @@ class Adapter(nnx.Module):
         self.a_IR = _lora_param(rngs, uniform, (d_in, r), (in_axis, None))
         self.b_RO = _lora_param(rngs, jax.nn.initializers.zeros, (r, *out), (None, *out_axes))
         self.scale = cfg.lora_alpha / r
+        self.dropout_rate = cfg.lora_dropout
 
-    def __call__(self, x):
+    def __call__(self, x, dropout_key=None):
+        """The update for input x; with a `dropout_key` (training) x is first dropped out at `lora_dropout`."""
+        x = dropout(x, self.dropout_rate, dropout_key)
         h = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ self.a_IR[...]
         y = (h @ self.b_RO[...].reshape(h.shape[-1], -1)) * self.scale
         return y.reshape(*x.shape[:-1], *self.b_RO.shape[1:]).astype(x.dtype)
@@ -54,6 +63,15 @@ def adapters(cfg: ModelConfig, shapes: dict[str, tuple], rngs: nnx.Rngs) -> nnx.
         return None
     chosen = {name: Adapter(cfg, *shapes[name], rngs=rngs) for name in cfg.lora_target_names if name in shapes}
     return nnx.Dict(chosen) if chosen else None
+
+
+def with_dropout(lora, key):
+    """The adapters as callables that drop their inputs out (`lora_dropout`), each with a key of its own; `lora`
+    itself when there is no key (no training) or no dropout. `delta` takes either."""
+    if lora is None or key is None or not any(a.dropout_rate for a in lora.values()):
+        return lora
+    return {name: functools.partial(a, dropout_key=jax.random.fold_in(key, i)) for i, (name, a) in
+            enumerate(lora.items())}
 
 
 def delta(lora, name: str, x):

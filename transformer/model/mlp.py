@@ -7,7 +7,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.layers import ACTIVATIONS, bias_param, dense, kernel_init, param
-from transformer.model.lora import adapters, add_delta, add_deltas, fold
+from transformer.model.lora import adapters, add_delta, add_deltas, fold, with_dropout
 from transformer.sharding import constrain
 
 
@@ -40,17 +40,18 @@ class MLP(nnx.Module):
                 fold(self.w_in_DF, adapter)
         self.lora = None
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, dropout_key=None):
+        lora = with_dropout(self.lora, dropout_key)  # the key only drops the adapters' inputs out (lora_dropout)
         if self.activation == "swiglu":
-            gate_up = add_deltas(dense(x_BTD, self.w_in_DCF[...], self.mm), x_BTD, self.lora, ("gate", "up"), axis=2)
+            gate_up = add_deltas(dense(x_BTD, self.w_in_DCF[...], self.mm), x_BTD, lora, ("gate", "up"), axis=2)
             h_BTF = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         else:
-            h_BTF = add_delta(dense(x_BTD, self.w_in_DF[...], self.mm), x_BTD, self.lora, "up")
+            h_BTF = add_delta(dense(x_BTD, self.w_in_DF[...], self.mm), x_BTD, lora, "up")
             if self.b_in_F is not None:
                 h_BTF = h_BTF + self.b_in_F[...].astype(h_BTF.dtype)
             h_BTF = ACTIVATIONS[self.activation](h_BTF)
         h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
-        y_BTD = add_delta(dense(h_BTF, self.w_out_FD[...], self.mm), h_BTF, self.lora, "down")
+        y_BTD = add_delta(dense(h_BTF, self.w_out_FD[...], self.mm), h_BTF, lora, "down")
         if self.b_out_D is not None:
             y_BTD = y_BTD + self.b_out_D[...].astype(y_BTD.dtype)
         return y_BTD
