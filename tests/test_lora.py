@@ -78,6 +78,28 @@ def test_an_adapted_model_starts_as_the_model_and_merges_into_it(cfg):
     assert nnx.state(adapted, LoRAParam)  # merging left the adapted model as it was
 
 
+@pytest.mark.parametrize("cfg", [GQA, S2S], ids=["gqa_swiglu", "seq2seq"])
+def test_lora_dropout_drops_the_adapters_inputs_in_training_only(cfg):
+    """With lora_dropout, a dropout key (training) changes the adapted model's output, differently per key; without
+    a key (evaluation, sampling) it is the model; the base path never sees the dropout (model.dropout = 0)."""
+    adapted = build_model(dataclasses.replace(with_lora(cfg), lora_dropout=0.5), nnx.Rngs(0))
+    leaves, tree = jax.tree.flatten(nnx.state(adapted, LoRAParam))
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    nnx.update(adapted, jax.tree.unflatten(tree, [jax.random.normal(k, v.shape) * 0.1 for k, v in zip(keys, leaves)]))
+    plain = build_model(with_lora(cfg), nnx.Rngs(0))  # the same weights, lora_dropout 0
+    load(plain, nnx.to_pure_dict(nnx.state(adapted, nnx.Param)))
+    x = tokens(cfg)
+    valid = jnp.ones_like(x, bool)
+    run = lambda m, key: (m(x, x, src_valid_BS=valid, dropout_key=key) if cfg.arch == "encoder_decoder"  # noqa: E731
+                          else m(x, dropout_key=key))
+    np.testing.assert_array_equal(run(adapted, None), run(plain, None))
+    np.testing.assert_array_equal(run(plain, jax.random.key(1)), run(plain, None))  # no dropout anywhere else
+    one, two = run(adapted, jax.random.key(1)), run(adapted, jax.random.key(2))
+    assert not np.allclose(one, run(adapted, None), atol=1e-3) and not np.allclose(one, two, atol=1e-3)
+    zero = build_model(dataclasses.replace(with_lora(cfg), lora_dropout=0.5), nnx.Rngs(0))  # fresh: B = 0
+    np.testing.assert_allclose(run(zero, jax.random.key(1)), run(zero, None), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(lora_targets="q,w"), "'w' is not a matrix LoRA adapts"),
     (dict(lora_targets="gate", activation="gelu"), "does not have"),
@@ -134,21 +156,38 @@ def test_lora_chat_fine_tuning_end_to_end(tmp_path):
                             for _ in range(20)))
 
     common = ["--train.task=sft", "--train.init_from", model, "--data.path", str(data), "--train.batch_size=4",
-              "--optim.lr=3e-2", "--optim.warmup_steps=2", "--train.progress=false"]
+              "--optim.lr=1e-2", "--optim.warmup_steps=2", "--train.progress=false"]
     out = run("train.py", *common, "--train.run_dir", str(tmp_path / "run"), "--train.steps=60",
               "--train.eval_interval=60", "--model.lora_rank=8")
     assert out.returncode == 0, out.stderr
     chat = run("sample.py", "--checkpoint", str(tmp_path / "run"), "--chat", "--greedy", "--max-new-tokens", "8",
                stdin="the cat\n")
     assert chat.returncode == 0 and chat.stdout.strip().startswith("sat on the mat"), chat.stdout + chat.stderr
+    # the checkpoint holds the adapters without the frozen base, which loads from train.init_from again
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    saved = size(tmp_path / "run" / "checkpoints" / "60" / "params")
+    more = run("train.py", *common, "--train.run_dir", str(tmp_path / "run"), "--train.steps=62",
+               "--train.eval_interval=60", "--model.lora_rank=8", "--resume")
+    assert more.returncode == 0 and "resuming at step 60" in more.stdout, more.stdout + more.stderr
+    os.rename(tmp_path / "llama", tmp_path / "moved")
+    lost = run("sample.py", "--checkpoint", str(tmp_path / "run"), "--chat", stdin="the cat\n")
+    assert lost.returncode == 2 and "LoRA adapters over the base model" in lost.stderr, lost.stderr
+    assert len(lost.stderr.strip().splitlines()) == 1
+    os.rename(tmp_path / "moved", tmp_path / "llama")
     exported = run("-m", "transformer.export", str(tmp_path / "run"), str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr
     from transformer.infer.loading import load_run
     adapted, merged = load_run(str(tmp_path / "run")), load_run(str(tmp_path / "hf"))  # adapters folded in
     assert adapted.cfg.model.lora_rank == 8 and merged.cfg.model.lora_rank == 0
+    from transformer.model.lora import lora_param_count
+    adapter_bytes = 4 * lora_param_count(adapted.cfg.model)
+    base_bytes = 4 * sum(x.size for x in jax.tree.leaves(adapted.params)) - adapter_bytes
+    assert saved < adapter_bytes + base_bytes / 2, (saved, adapter_bytes, base_bytes)  # (and orbax's metadata)
     x = jnp.asarray([[1, 5, 9, 33, 70, 2]])
-    np.testing.assert_allclose(nnx.merge(merged.graphdef, merged.params)(x),
-                               nnx.merge(adapted.graphdef, adapted.params)(x), rtol=1e-4, atol=1e-5)
+    from transformer.model import abstract_model
+    f32 = nnx.graphdef(abstract_model(dataclasses.replace(adapted.cfg.model, matmul_dtype="float32")))
+    np.testing.assert_allclose(nnx.merge(merged.graphdef, merged.params)(x),  # both multiplying in float32
+                               nnx.merge(f32, adapted.params)(x), rtol=1e-4, atol=1e-5)
     peft = run("-m", "transformer.export", str(tmp_path / "run"), str(tmp_path / "peft"), "--peft")
     assert peft.returncode == 0 and "PEFT LoRA adapters of 14 matrices (rank 8)" in peft.stdout, peft.stderr
     again = run("-m", "transformer.export", str(tmp_path / "run"), str(tmp_path / "peft"), "--peft")
@@ -167,8 +206,8 @@ def test_adapters_round_trip_through_the_peft_format(tmp_path):
     the same logits was checked with peft 0.x in the torch venv: see the issue note.)"""
     import json
 
+    from transformer.checkpoint import overlay
     from transformer.convert.peft import export_peft, import_peft
-    from transformer.train.setup import overlay
 
     cfg = with_lora(GQA, 4, "q,v,o,down")
     adapted = build_model(cfg, nnx.Rngs(0))

@@ -42,51 +42,88 @@ def test_only_the_assistant_replies_and_their_end_of_turn_are_learned(tok):
     assert "<|im_start|>" not in learned and "the cat" not in learned
 
 
-def test_the_loss_counts_assistant_targets_only(ref, tok):
+@pytest.fixture(scope="module")
+def model(ref):
     import tempfile
 
     from test_decoders import model_of, write_tiny
 
     from transformer.convert.hf import load_hf
-    pipe = SFTPipeline([CONVERSATION] * 2, [CONVERSATION], T=64, batch_rows=2, eval_rows=1, n_eval=1, seed=0,
-                       tok=tok, pad=0)
+    with tempfile.TemporaryDirectory() as d:
+        return model_of(load_hf(write_tiny(os.path.join(d, "llama"), ref, "llama")))
+
+
+def pipeline(tok, convs, rows, pack=0):
+    return SFTPipeline(convs, convs[:1], T=128, batch_rows=rows, eval_rows=1, n_eval=1, seed=0, tok=tok, pad=0,
+                       pack=pack > 0, pack_length=pack)
+
+
+def test_the_loss_counts_assistant_targets_only(model, tok):
+    """The task's loss is the cross-entropy of the assistant's tokens (and their end of turn) alone: computed from
+    the logits at every position, masked by hand with the tokens `conversation_tokens` marks as learned."""
+    from transformer.tasks.losses import token_losses
+    pipe = pipeline(tok, [CONVERSATION] * 2, 2)
     batch = {k: jnp.asarray(v) for k, v in pipe.next(0, lambda n: np.arange(n)).items()}
     task = SupervisedFineTuning()
-    with tempfile.TemporaryDirectory() as d:
-        model = model_of(load_hf(write_tiny(os.path.join(d, "llama"), ref, "llama")))
     loss = lambda b: float(task.sums(model, b, None)["loss"])  # noqa: E731
-    base = loss(batch)
+    ids, learn = conversation_tokens(tok, CONVERSATION)
+    every = np.asarray(token_losses(model(jnp.asarray(ids[None, :-1])), jnp.asarray(ids[None, 1:])))[0]
+    np.testing.assert_allclose(loss(batch), 2 * every[learn[1:]].sum(), rtol=1e-5)
+    user = np.flatnonzero(~learn[1:])[3]  # one user-turn target more would move it
+    assert abs(2 * (every[learn[1:]].sum() + every[user]) - loss(batch)) > 1e-3
     w = np.asarray(batch["weights"])
-    user_t = tuple(np.argwhere((w == 0) & np.asarray(batch["valid"]))[3])
-    asst_t = tuple(np.argwhere(w == 1)[0])
-    moved_user = dict(batch, targets=batch["targets"].at[user_t].set((batch["targets"][user_t] + 7) % 300))
-    moved_asst = dict(batch, targets=batch["targets"].at[asst_t].set((batch["targets"][asst_t] + 7) % 300))
-    assert loss(moved_user) == base  # a user token's target does not count
-    assert loss(moved_asst) != base  # an assistant token's does
+    asst, pad = tuple(np.argwhere(w == 1)[0]), tuple(np.argwhere(w == 0)[0])
+    moved_asst = dict(batch, targets=batch["targets"].at[asst].set((batch["targets"][asst] + 7) % 300))
+    moved_pad = dict(batch, targets=batch["targets"].at[pad].set((batch["targets"][pad] + 7) % 300))
+    assert loss(moved_asst) != loss(batch)  # an assistant token's target counts
+    assert loss(moved_pad) == loss(batch)  # the padding of the gather does not
 
 
-def test_padded_rows_give_each_conversation_its_own_loss(ref, tok):
-    """A short conversation batched with a long one (padded on the right) has the loss it has alone."""
-    import tempfile
-
-    from test_decoders import model_of, write_tiny
-
-    from transformer.convert.hf import load_hf
+def segment_losses(model, batch) -> list[float]:
+    """Each conversation's summed loss, row by row, segment by segment."""
     from transformer.tasks.losses import token_losses
-    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]
-    with tempfile.TemporaryDirectory() as d:
-        model = model_of(load_hf(write_tiny(os.path.join(d, "llama"), ref, "llama")))
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    ce = np.asarray(token_losses(SupervisedFineTuning().logits(model, b, None), b["targets"])) * batch["weights"]
+    seg = np.take_along_axis(batch["segments"], batch["loss_at"], axis=1)
+    return [ce[r][(seg[r] == s) & (batch["weights"][r] > 0)].sum()
+            for r in range(len(ce)) for s in range(1, batch["segments"][r].max() + 1)]
 
-    def per_row(convs):
-        pipe = SFTPipeline(convs, convs[:1], T=64, batch_rows=len(convs), eval_rows=1, n_eval=1, seed=0, tok=tok,
-                           pad=0)
-        b = pipe._batch(pipe.train, len(convs))
-        ce = token_losses(model(jnp.asarray(b["inputs"])), jnp.asarray(b["targets"]))
-        return (np.asarray(ce) * b["weights"]).sum(1) / b["weights"].sum(1)
 
-    together = per_row([short, CONVERSATION])
-    np.testing.assert_allclose(together[0], per_row([short])[0], rtol=1e-5)
-    np.testing.assert_allclose(together[1], per_row([CONVERSATION])[0], rtol=1e-5)
+SHORT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat"}]
+OTHER = [{"role": "user", "content": "the mat"}, {"role": "assistant", "content": "and slept on it"}]
+
+
+def test_padded_rows_give_each_conversation_its_own_loss(model, tok):
+    """A short conversation batched with a long one (padded on the right) has the loss it has alone."""
+    pipe = pipeline(tok, [SHORT, CONVERSATION], 2)
+    together = segment_losses(model, pipe._batch([[e] for e in pipe.train], 2))  # one batch, though 2 buckets
+    alone = [segment_losses(model, pipeline(tok, [c], 1).next(0, np.arange))[0] for c in (SHORT, CONVERSATION)]
+    np.testing.assert_allclose(sorted(together), sorted(alone), rtol=1e-5)
+
+
+def test_packed_rows_give_each_conversation_its_own_loss(model, tok):
+    """Three conversations packed into one row (segment ids, positions restarting) have the losses they have
+    alone: none attends to another, and each reads its own positions from 0."""
+    convs = [SHORT, CONVERSATION, OTHER]
+    batch = pipeline(tok, convs, 1, pack=128).next(0, np.arange)
+    assert batch["inputs"].shape == (1, 128) and batch["segments"].max() == 3  # all three in one row
+    packed = segment_losses(model, batch)
+    alone = [segment_losses(model, pipeline(tok, [c], 1).next(0, np.arange))[0] for c in convs]
+    np.testing.assert_allclose(sorted(packed), sorted(alone), rtol=1e-5)
+    mixed = dict(batch, segments=np.minimum(batch["segments"], 1))  # one segment: they would see each other
+    assert not np.allclose(sorted(segment_losses(model, mixed)), sorted(alone), rtol=1e-3)
+
+
+def test_packing_places_every_conversation_once_per_epoch():
+    from transformer.data.blocks import packed_plan
+    lengths = np.random.default_rng(0).integers(5, 60, 500)
+    plans = [packed_plan(3, e, lengths, 128, 4) for e in (0, 1)]
+    for plan in plans:
+        rows = [row for batch in plan for row in batch]
+        assert sorted(i for row in rows for i in row) == list(range(500))
+        assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+        assert sum(lengths) / (128 * len(rows)) > 0.9  # little padding
+    assert plans[0] != plans[1] and packed_plan(3, 0, lengths, 128, 4) == plans[0]
 
 
 @pytest.mark.parametrize("rows, message", [

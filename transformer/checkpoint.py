@@ -116,3 +116,13 @@ def read_run_config(run_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); the run directory is damaged") from None
+
+
+def overlay(dst: dict, src: dict) -> None:
+    """dst's leaves replaced by src's wherever src has the same path."""
+    for k, v in src.items():
+        if k in dst:
+            if isinstance(v, dict) and isinstance(dst[k], dict):
+                overlay(dst[k], v)
+            else:
+                dst[k] = v

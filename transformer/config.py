@@ -79,6 +79,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "all"  # or a comma-separated list; "all": every matrix the model has
+    lora_dropout: float = 0.0  # dropout on each adapter's input while training (as PEFT's lora_dropout)
 
     @property
     def d_head(self) -> int:
@@ -130,6 +131,11 @@ class DataConfig:
     tokenizer_model: str = ""  # a trained sentencepiece .model; "" trains one on the training split
     vocab_size: int = 4096  # sentencepiece vocabulary when training one
     sp_model_type: Literal["bpe", "unigram"] = "bpe"
+    # Chat fine-tuning (train.task=sft): conversations packed several to a row of `pack_length` tokens, each attending
+    # within itself (longer ones are cut to it; 0: the smallest length bucket that holds the longest conversation, at
+    # least 256), or with pack=false one per row, padded to a length bucket
+    pack: bool = True
+    pack_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,12 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     preset: str = "default"
 
+    @property
+    def lora_base(self) -> str:
+        """The base model that a LoRA run's checkpoints leave out ("" when they hold every weight): adapters trained
+        over `train.init_from` are saved alone, and the base is read from there again when the run loads."""
+        return self.train.init_from if self.model.lora_rank and self.train.init_from else ""
+
     def validate(self) -> "Config":
         m, o, t, d = self.model, self.optim, self.train, self.data
         _positive(m, "d_model", "n_heads", "n_layers", "max_len")
@@ -206,6 +218,8 @@ class Config:
         if t.batch_tokens < 0 or (t.batch_tokens and (t.task or TASK_OF_ARCH[m.arch]) != "seq2seq"):
             raise ConfigError(f"train.batch_tokens={t.batch_tokens}: token-sized batches are for translation "
                               "(model.arch=encoder_decoder); use train.batch_size, or 0 to switch them off")
+        if d.pack_length < 0:
+            raise ConfigError(f"data.pack_length={d.pack_length} must be >= 0 (0: automatic)")
         if self.mesh.cpu_devices < -1:
             raise ConfigError(f"mesh.cpu_devices={self.mesh.cpu_devices} must be >= -1 (-1: automatic, 0: JAX's "
                               "default of one)")
@@ -230,8 +244,8 @@ class Config:
             raise ConfigError(f"rotary positions need an even head dim, got d_head={m.d_head}")
         if m.d_ff < 0 or m.vocab_size < 0:
             raise ConfigError("model.d_ff and model.vocab_size must be >= 0 (0 means automatic)")
-        if not 0.0 <= m.dropout < 1.0:
-            raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+        if not 0.0 <= m.dropout < 1.0 or not 0.0 <= m.lora_dropout < 1.0:
+            raise ConfigError(f"model.dropout={m.dropout} and model.lora_dropout={m.lora_dropout} must be in [0, 1)")
         if m.lora_rank and not t.init_from:  # with init_from, checked against that model (train/setup.py)
             check_lora(m)
         if o.lr <= 0 or o.min_lr < 0:

@@ -37,6 +37,26 @@ def bucketed_plan(seed: int, epoch: int, lengths, buckets: list[int], per_batch)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def packed_plan(seed: int, epoch: int, lengths, capacity: int, rows_per_batch: int, window: int = 16) -> list:
+    """An epoch's batches of packed rows: each row a list of example indices whose lengths sum to at most
+    `capacity`. The examples are visited in a seeded order (by (seed, epoch) alone) and each goes into the first of
+    the `window` most recently opened rows with room for it, else opens a new row; rows are cut into batches of
+    `rows_per_batch` in the order they were opened."""
+    rng = np.random.default_rng([seed, epoch])
+    rows, room, open_rows = [], [], []
+    for i in rng.permutation(len(lengths)):
+        n = int(lengths[i])
+        r = next((r for r in open_rows if room[r] >= n), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            room.append(capacity)
+            open_rows = (open_rows + [r])[-window:]
+        rows[r].append(int(i))
+        room[r] -= n
+    return [rows[k:k + rows_per_batch] for k in range(0, len(rows), rows_per_batch)]
+
+
 def next_in_plan(plan_of, epoch: int, index: int) -> tuple[np.ndarray, int, int]:
     """The next batch of a per-epoch plan (`plan_of(epoch)`: a list of index arrays), and the position after it."""
     plan = plan_of(epoch)

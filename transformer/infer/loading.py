@@ -9,11 +9,12 @@ import jax
 from flax import nnx
 
 from transformer import sharding
-from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like
+from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like, overlay
 from transformer.config import Config, ConfigError, MeshConfig, first_line
 from transformer.convert import is_pretrained, load_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
 from transformer.model import abstract_model
+from transformer.model.lora import adapter_state
 
 
 @dataclasses.dataclass
@@ -65,16 +66,32 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
         mesh = mesh or sharding.make_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
         abstract = abstract_model(cfg.model)
         graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-        shardings = sharding.tree_shardings(abstract_params, mesh)
+        saved = adapter_state(abstract_params) if cfg.lora_base else abstract_params  # LoRA: adapters alone
         try:
             item = "ema" if cfg.optim.ema_decay > 0 else "params"  # the moving average, when the run kept one
-            params = ckpt.restore_params(step, abstract_like(abstract_params, shardings), item)
+            params = ckpt.restore_params(step, abstract_like(saved, sharding.tree_shardings(saved, mesh)), item)
         except Exception as e:
             raise ConfigError(f"checkpoint {step} in {run_dir} could not be restored ({type(e).__name__}: "
                               f"{first_line(e)[:200]})") from None
     finally:
         ckpt.close()
+    if cfg.lora_base:
+        params = _over_base(params, cfg.lora_base, abstract_params, mesh, run_dir)
     return LoadedRun(cfg, tok, graphdef, params, step, meta.get("labels"))
+
+
+def _over_base(adapters: nnx.State, base: str, abstract_params: nnx.State, mesh, run_dir: str) -> nnx.State:
+    """A LoRA run's params: its adapters laid over the weights of the base model it was fine-tuned from."""
+    try:
+        base_params = load_run(base, mesh=mesh).params
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir} holds LoRA adapters over the base model {base}, which did not load ({e}); put "
+                          "the base model back at that path") from None
+    pure = nnx.to_pure_dict(abstract_params)
+    overlay(pure, nnx.to_pure_dict(base_params))
+    overlay(pure, nnx.to_pure_dict(adapters))
+    nnx.replace_by_pure_dict(abstract_params, pure)
+    return abstract_params
 
 
 def _load_pretrained(path: str, step: int | None, mesh) -> LoadedRun:

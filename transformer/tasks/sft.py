@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from transformer.config import Config, ConfigError
-from transformer.data.blocks import bucketed_plan, checked_position, next_in_plan
+from transformer.data.blocks import bucketed_plan, checked_position, next_in_plan, packed_plan
 from transformer.data.prepare import hold_out
 from transformer.data.sources import load_conversations
 from transformer.data.tokenizer import save_tokenizer
@@ -47,30 +47,51 @@ def conversation_tokens(tok, messages: list[dict]) -> tuple[np.ndarray, np.ndarr
     return np.asarray(ids, np.int32), np.asarray(learn, bool)
 
 
+def _round_up(n: int, k: int) -> int:
+    return -(-max(n, 1) // k) * k
+
+
 class SFTPipeline:
-    """Conversations as inputs (ids[:-1]) and targets (ids[1:]) weighted 1 where the target is an assistant token,
-    padded on the right to a length bucket; each epoch shuffles within buckets and visits the batches in a seeded
-    order. Validation: the validation conversations sorted by length, in batches of `eval_rows`."""
+    """Conversations as inputs (ids[:-1]) and targets (ids[1:]), learned where the target is an assistant token.
+
+    Rows: with `pack`, several conversations packed into rows of `pack_length` tokens (0: the smallest length bucket
+    holding the longest conversation, at least 256), each a segment of its own (segment ids, positions restarting at
+    0) so none attends to another; packed in a seeded order each epoch (one compiled step; on a 2-core CPU SmolLM2
+    trains ~1.5x faster so than bucketed). Else one conversation per row, padded on the right to a length bucket
+    (each epoch shuffles within buckets and visits the batches in a seeded order).
+    A batch holds `inputs`, `positions`, `segments` (0: padding), B x T, and the learned targets gathered per row:
+    `loss_at` (their indices along T), `targets`, `weights` (0 pads the gather), B x N, where N is a fixed width
+    per row length (the most targets any row of that length can hold), so the step compiles once per row length
+    and the unembedding runs at those N positions only. Validation: the validation conversations sorted by length,
+    one per row, in batches of `eval_rows`."""
 
     def __init__(self, train, val, *, T: int, batch_rows: int, eval_rows: int, n_eval: int, seed: int, tok,
-                 pad: int):
+                 pad: int, pack: bool = False, pack_length: int = 0):
         self.T, self.batch_rows, self.seed, self.pad = T, batch_rows, seed, pad
         self.buckets = bucket_lengths(T)
-        self.train = self._encode(train, tok)
+        self.train = self._encode(train, tok, min(pack_length, T) if pack and pack_length else T)
         if not self.train:
             raise ConfigError(f"no training conversation has an assistant token within model.max_len={T}")
-        val = sorted(self._encode(val, tok), key=len)[:n_eval * eval_rows]
+        longest = max(self._length(e) for e in self.train)
+        self.pack = 0 if not pack else min(pack_length, T) if pack_length else self._bucket(min(max(longest, 256), T))
+        val = sorted(self._encode(val, tok, T), key=len)[:n_eval * eval_rows]
         if not val:
             raise ConfigError(f"no validation conversation has an assistant token within model.max_len={T}")
-        self.val = [self._batch(val[k:k + eval_rows], eval_rows) for k in range(0, len(val), eval_rows)]
+        self.width = {}  # row length -> gathered targets per row (the most any one conversation has there)
+        for e in self.train + val:
+            L = self._bucket(self._length(e))
+            self.width[L] = max(self.width.get(L, 0), int(e[1][1:].sum()))
+        self.width = {L: min(L, _round_up(n, 8)) for L, n in self.width.items()}
+        self.val = [self._batch([[e] for e in val[k:k + eval_rows]], eval_rows) for k in range(0, len(val), eval_rows)]
+        self.packed_width = 0
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
 
-    def _encode(self, conversations, tok) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _encode(self, conversations, tok, limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
         for messages in conversations:
             ids, learn = conversation_tokens(tok, messages)
-            ids, learn = ids[:self.T + 1], learn[:self.T + 1]
+            ids, learn = ids[:limit + 1], learn[:limit + 1]
             if learn[1:].any():  # something to learn after truncation (the first token is never a target)
                 out.append((ids, learn))
         return out
@@ -78,27 +99,51 @@ class SFTPipeline:
     def _length(self, example) -> int:
         return len(example[0]) - 1
 
-    def _batch(self, examples, rows: int) -> dict:
-        L = next(b for b in self.buckets if b >= max(self._length(e) for e in examples))
-        inputs = np.full((rows, L), self.pad, np.int32)
-        targets = np.full((rows, L), self.pad, np.int32)
-        weights = np.zeros((rows, L), np.float32)
-        valid = np.zeros((rows, L), bool)
-        for i, (ids, learn) in enumerate(examples):
-            n = len(ids) - 1
-            inputs[i, :n], targets[i, :n], weights[i, :n], valid[i, :n] = ids[:-1], ids[1:], learn[1:], True
-        return {"inputs": inputs, "targets": targets, "weights": weights, "valid": valid}
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
 
-    def _plan(self, epoch: int) -> list[np.ndarray]:
+    def _batch(self, rows: list[list[tuple]], n_rows: int, packed: bool = False) -> dict:
+        """`rows`: each row's conversations (one, or several packed into rows of `pack_length`); fewer than `n_rows`
+        leaves empty rows."""
+        if packed:
+            L, N = self.pack, self.packed_width
+        else:
+            L = self._bucket(max(self._length(e) for row in rows for e in row))
+            N = self.width.get(L, L)
+        inputs = np.full((n_rows, L), self.pad, np.int32)
+        positions = np.zeros((n_rows, L), np.int32)
+        segments = np.zeros((n_rows, L), np.int32)
+        loss_at = np.zeros((n_rows, N), np.int32)
+        targets = np.full((n_rows, N), self.pad, np.int32)
+        weights = np.zeros((n_rows, N), np.float32)
+        for r, row in enumerate(rows):
+            t = k = 0
+            for s, (ids, learn) in enumerate(row, 1):
+                n = len(ids) - 1
+                inputs[r, t:t + n], positions[r, t:t + n], segments[r, t:t + n] = ids[:-1], np.arange(n), s
+                at = np.flatnonzero(learn[1:])
+                loss_at[r, k:k + len(at)], targets[r, k:k + len(at)], weights[r, k:k + len(at)] = t + at, ids[1:][at], 1
+                t, k = t + n, k + len(at)
+        return {"inputs": inputs, "positions": positions, "segments": segments, "loss_at": loss_at,
+                "targets": targets, "weights": weights}
+
+    def _plan(self, epoch: int) -> list:
         if self._plan_epoch != epoch:
-            self._batches = bucketed_plan(self.seed, epoch, [self._length(e) for e in self.train], self.buckets,
-                                          lambda _: self.batch_rows)
+            lengths = [self._length(e) for e in self.train]
+            if self.pack:
+                self._batches = packed_plan(self.seed, epoch, lengths, self.pack, self.batch_rows)
+                most = max(sum(int(self.train[i][1][1:].sum()) for i in row) for b in self._batches for row in b)
+                # never narrower than before: a new width would compile the step again
+                self.packed_width = max(self.packed_width, min(self.pack, _round_up(most, 32)))
+            else:
+                self._batches = [[[i] for i in b] for b in bucketed_plan(self.seed, epoch, lengths, self.buckets,
+                                                                         lambda _: self.batch_rows)]
             self._plan_epoch = epoch
         return self._batches
 
     def next(self, step: int, rows) -> dict:
         members, self.epoch, self.index = next_in_plan(self._plan, self.epoch, self.index)
-        batch = self._batch([self.train[i] for i in members], self.batch_rows)  # short batches: empty rows
+        batch = self._batch([[self.train[i] for i in row] for row in members], self.batch_rows, bool(self.pack))
         return {k: a[rows(self.batch_rows)] for k, a in batch.items()}
 
     def state(self) -> dict:
@@ -110,7 +155,7 @@ class SFTPipeline:
 
 class SupervisedFineTuning(Task):
     name = "sft"
-    keys = ("inputs", "targets", "weights", "valid")
+    keys = ("inputs", "positions", "segments", "loss_at", "targets", "weights")
     unit = "conversations"
 
     def prepare(self, cfg: Config, run_dir: str, tok=None) -> TaskData:
@@ -128,16 +173,19 @@ class SupervisedFineTuning(Task):
         tok = data.tokenizer
         pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
         vocab = max(tok.vocab_size, cfg.model.vocab_size)  # a model's table may have rows past the tokenizer's
-        return SFTPipeline(data.train, data.val, **pipeline_sizes(cfg), tok=tok, pad=pad), vocab
+        return SFTPipeline(data.train, data.val, **pipeline_sizes(cfg), tok=tok, pad=pad,
+                           pack=cfg.data.pack, pack_length=cfg.data.pack_length), vocab
 
     def logits(self, model, batch: dict, key):
-        return model(batch["inputs"], dropout_key=key)
+        """Logits at the learned positions only (B N V), each conversation attending within itself."""
+        return model(batch["inputs"], positions_BT=batch["positions"], segments_BT=batch["segments"],
+                     logits_at_BN=batch["loss_at"], dropout_key=key)
 
     def weights(self, batch: dict):
         return batch["weights"]
 
     def real_tokens(self, batch: dict):
-        return batch["valid"].sum()
+        return (batch["segments"] > 0).sum()
 
     def metrics(self, cfg: Config, graphdef, params, data: TaskData) -> tuple[dict, str]:
         """With `train.bleu_sentences` = N > 0 (for translation-style chat data): sacreBLEU of the model's greedy

@@ -19,6 +19,7 @@ from transformer.train.setup import (
     build_state,
     check_run_dir,
     checkpoint_meta,
+    checkpoint_state,
     init_or_restore,
     prepare_run,
     run_dir_of,
@@ -49,7 +50,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     cfg, task, data, pipeline, source = prepare_run(cfg, run_dir, mesh)
     graphdef, tx, abstract, shardings, create = build_state(cfg, mesh)
     train_step, eval_step = make_steps(graphdef, tx, cfg, mesh, shardings)
-    state = init_or_restore(ckpt, latest, run_dir, abstract, shardings, create, pipeline, source)
+    state = init_or_restore(cfg, ckpt, latest, run_dir, abstract, shardings, create, pipeline, source)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     start = int(jax.device_get(state["step"]))
 
@@ -99,7 +100,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                     progress.log(record, message, permanent=True)
                 if step % cfg.train.ckpt_interval == 0 or final or stop.signal:
                     checked_metrics(step)
-                    ckpt.save(step, state, checkpoint_meta(cfg, pipeline, data.tokenizer, data.labels), val_loss)
+                    meta = checkpoint_meta(cfg, pipeline, data.tokenizer, data.labels)
+                    ckpt.save(step, checkpoint_state(state, cfg), meta, val_loss)
                     last_good = step
                 progress.advance(1)
                 result["step"] = step

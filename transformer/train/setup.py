@@ -9,10 +9,18 @@ import jax
 from flax import nnx
 
 from transformer import sharding
-from transformer.checkpoint import CONFIG_FILE, abstract_like, read_run_config, write_json_atomic
+from transformer.checkpoint import (
+    CONFIG_FILE,
+    WEIGHT_ITEMS,
+    abstract_like,
+    overlay,
+    read_run_config,
+    write_json_atomic,
+)
 from transformer.config import Config, ConfigError, check_lora, first_line
 from transformer.infer.loading import LoadedRun, load_run
 from transformer.model import abstract_model, build_model
+from transformer.model.lora import adapter_state
 from transformer.tasks import Task, TaskData, task_of
 from transformer.train.optim import make_optimizer
 from transformer.train.step import init_state
@@ -46,11 +54,16 @@ def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData
     """(the resolved config, the task, its data, its pipeline, the `train.init_from` run or None). The resolved
     config (vocabulary and class count from the data) is written to the run dir."""
     source = None
+    if os.path.exists(cfg.train.init_from):  # saved absolute: a LoRA run reads its base from there when it loads
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                 init_from=os.path.abspath(cfg.train.init_from)))
     if cfg.train.init_from:  # start from another run's model (e.g. an MLM run): its config, tokenizer, weights
         source = load_run(cfg.train.init_from, mesh=mesh)
-        lora = {k: getattr(cfg.model, k) for k in ("lora_rank", "lora_alpha", "lora_targets")}
+        lora = {k: getattr(cfg.model, k) for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
+        # its architecture; this run's dropout, LoRA and matmul inputs (how this machine multiplies, resolved above)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, dropout=cfg.model.dropout,
-                                                                 n_classes=0, **lora))
+                                                                 n_classes=0, matmul_dtype=cfg.model.matmul_dtype,
+                                                                 **lora))
         if cfg.model.lora_rank:
             check_lora(cfg.model)
     task = task_of(cfg)
@@ -70,8 +83,17 @@ def build_state(cfg: Config, mesh):
     """Graph, sharded train state created directly on the devices (never whole on one host), and its shardings."""
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
-    def create():
+    def create(base: dict | None = None):
+        """A fresh state; with `base` (pure-dict weights, e.g. a pretrained model's) those replace the random ones
+        leaf by leaf wherever the paths match, inside the jitted function: XLA then never computes (nor compiles)
+        the random init of the replaced weights, which for a 30-layer model took 90 s of compilation on XLA:CPU."""
         model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
+        if base is not None:
+            params = nnx.state(model, nnx.Param)
+            pure = nnx.to_pure_dict(params)
+            overlay(pure, base)
+            nnx.replace_by_pure_dict(params, pure)
+            nnx.update(model, params)
         return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0, lora=cfg.model.lora_rank > 0)[1]
 
     abstract = jax.eval_shape(create)
@@ -85,35 +107,34 @@ def checkpoint_meta(cfg: Config, pipeline, tok, labels=None) -> dict:
     return {"config": cfg.to_dict(), "data_state": pipeline.state(), "tokenizer": tok.to_json(), "labels": labels}
 
 
-def init_or_restore(ckpt, latest: int | None, run_dir: str, abstract, shardings, create, pipeline,
+def checkpoint_state(state: dict, cfg: Config) -> dict:
+    """What a checkpoint holds: the train state, or for LoRA over a base model (`cfg.lora_base`) the same without the
+    frozen base weights: adapters (and their moving average), optimizer state, step, RNG."""
+    if not cfg.lora_base:
+        return state
+    return {k: adapter_state(v) if k in WEIGHT_ITEMS else v for k, v in state.items()}
+
+
+def init_or_restore(cfg: Config, ckpt, latest: int | None, run_dir: str, abstract, shardings, create, pipeline,
                     source: LoadedRun | None) -> dict:
     """The train state: the run's latest checkpoint (and the pipeline moved to where it was), or a fresh one, with
-    the `init_from` source's weights wherever this model has the same modules (new heads stay fresh)."""
+    the `init_from` source's weights wherever this model has the same modules (new heads stay fresh). A LoRA
+    checkpoint's adapters are laid over the base weights read from `init_from` again."""
+    base = None if source is None else nnx.to_pure_dict(source.params)
     if latest is not None:
         try:
-            state, meta = ckpt.restore(latest, abstract_like(abstract, shardings))
+            state, meta = ckpt.restore(latest, checkpoint_state(abstract_like(abstract, shardings), cfg))
         except ValueError as e:
             raise ConfigError(f"checkpoint {latest} in {run_dir} does not match this configuration "
                               f"({first_line(e)}); use another --train.run_dir") from None
         pipeline.restore(meta["data_state"])
+        if cfg.lora_base:
+            fresh = create(base)
+            for k in WEIGHT_ITEMS:
+                if k in state:
+                    pure = nnx.to_pure_dict(fresh[k])
+                    overlay(pure, nnx.to_pure_dict(state[k]))
+                    nnx.replace_by_pure_dict(fresh[k], pure)
+                    state[k] = fresh[k]
         return state
-    state = create()
-    if source is not None:  # leaf by leaf: a new head, or LoRA adapters, keep their fresh values
-        params = state["params"]
-        pure = nnx.to_pure_dict(params)
-        overlay(pure, nnx.to_pure_dict(source.params))
-        nnx.replace_by_pure_dict(params, pure)
-        state = {**state, "params": params}
-        if "ema" in state:
-            state["ema"] = jax.tree.map(jax.numpy.copy, params)
-    return state
-
-
-def overlay(dst: dict, src: dict) -> None:
-    """dst's leaves replaced by src's wherever src has the same path."""
-    for k, v in src.items():
-        if k in dst:
-            if isinstance(v, dict) and isinstance(dst[k], dict):
-                overlay(dst[k], v)
-            else:
-                dst[k] = v
+    return create() if base is None else create(base)  # leaf by leaf: new heads, LoRA adapters keep fresh values

@@ -49,7 +49,7 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
     the summed terms of the task's loss ("loss", "correct", "count"), which `tasks.losses.means` turns into
     per-token figures.
     """
-    use_dropout = cfg.model.dropout > 0
+    use_dropout = cfg.model.dropout > 0 or (cfg.model.lora_rank > 0 and cfg.model.lora_dropout > 0)
     lora = cfg.model.lora_rank > 0
     task = task_of(cfg)
 
