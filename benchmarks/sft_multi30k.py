@@ -7,6 +7,8 @@ memory with LoRA and with full fine-tuning.
     python benchmarks/sft_multi30k.py [--minutes 30] [--marks 5,15,30] [--peer-python /path/to/torch-venv/python]
                                       [--peer-log FILE] [--run-dir DIR] [--model.lora_rank=16 ...]
 
+Ours by default: LoRA rank 16 (alpha 32) on all seven matrices, conversations packed into rows of 256 tokens, 4 rows a
+step, AdamW at a constant 1e-3 after 20 warmup steps, bf16 matmul inputs where the CPU multiplies bf16 natively.
 Training time is the wall-clock time of the train steps from the first (its compilation included), evaluation
 pauses taken out, as in the peer (../shared/peers/torch_sft_lora.py: transformers + PEFT, LoRA rank 16 on all seven
 projection matrices, same data, prompt and model). With --peer-python the peer runs right after ours on the same
@@ -33,7 +35,7 @@ sys.path.insert(0, str(REPO))
 PROMPT = "Translate to English: {}"
 PEER_MARK = re.compile(r"== ([\d.]+) min, step (\d+): val sacreBLEU \(greedy, first \d+\) ([\d.]+).*?"
                        r"(?:, ([\d,]+) tokens/s)?(?: \|)")
-DEFAULTS = ["--train.task=sft", "--model.lora_rank=16", "--model.lora_alpha=32", "--train.batch_size=16",
+DEFAULTS = ["--train.task=sft", "--model.lora_rank=16", "--model.lora_alpha=32", "--train.batch_size=4",
             "--optim.lr=1e-3", "--optim.schedule=constant", "--optim.warmup_steps=20", "--optim.weight_decay=0",
             "--train.steps=100000", "--train.eval_batches=2"]
 
