@@ -15,6 +15,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from transformer.config import ConfigError
@@ -116,6 +117,16 @@ def read_run_config(run_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); the run directory is damaged") from None
+
+
+def laid_over(state, *sources: dict):
+    """An nnx State (params, abstract or concrete) with the leaves of each pure dict in `sources` laid over it in
+    turn wherever the paths match (`overlay`); returns the State, updated in place."""
+    pure = nnx.to_pure_dict(state)
+    for src in sources:
+        overlay(pure, src)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
 
 
 def overlay(dst: dict, src: dict) -> None:

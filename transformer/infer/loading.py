@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 
 from transformer import sharding
-from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like, overlay
+from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like, laid_over
 from transformer.config import Config, ConfigError, MeshConfig, first_line
 from transformer.convert import is_pretrained, load_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
@@ -87,11 +87,7 @@ def _over_base(adapters: nnx.State, base: str, abstract_params: nnx.State, mesh,
     except ConfigError as e:
         raise ConfigError(f"{run_dir} holds LoRA adapters over the base model {base}, which did not load ({e}); put "
                           "the base model back at that path") from None
-    pure = nnx.to_pure_dict(abstract_params)
-    overlay(pure, nnx.to_pure_dict(base_params))
-    overlay(pure, nnx.to_pure_dict(adapters))
-    nnx.replace_by_pure_dict(abstract_params, pure)
-    return abstract_params
+    return laid_over(abstract_params, nnx.to_pure_dict(base_params), nnx.to_pure_dict(adapters))
 
 
 def _load_pretrained(path: str, step: int | None, mesh) -> LoadedRun:

@@ -157,27 +157,26 @@ class Attention(nnx.Module):
                 fold(self.w_kv_DCKH, adapter, "kv".index(name))
         self.lora = None
 
-    def _kv(self, x_BSD, lora=None):
-        """Keys and values of x, (B S K H) each, before any rotation. `lora`: the adapters as called in training
-        (`with_dropout`); self.lora when not given."""
-        lora = self.lora if lora is None else lora
+    def _kv(self, x_BSD, lora):
+        """Keys and values of x, (B S K H) each, before any rotation. `lora`: the adapters as this call applies them
+        (self.lora, or `with_dropout` of it in training), as in the other projections."""
         kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, lora, ("k", "v"), axis=2)
         if self.b_kv_CKH is not None:
             kv_BSCKH = kv_BSCKH + self.b_kv_CKH[...].astype(kv_BSCKH.dtype)
         return kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
 
-    def _project_in(self, x_BTD, lora=None):
+    def _project_in(self, x_BTD, lora):
         """(q_BTNH, k_BSKH, v_BSKH) of self-attention."""
         if self.fused:
-            qkv_BTCNH = add_deltas(dense(x_BTD, self.w_qkv_DCNH[...], self.mm), x_BTD,
-                                   self.lora if lora is None else lora, ("q", "k", "v"), axis=2)
+            qkv_BTCNH = add_deltas(dense(x_BTD, self.w_qkv_DCNH[...], self.mm), x_BTD, lora, ("q", "k", "v"),
+                                   axis=2)
             if self.b_qkv_CNH is not None:
                 qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
             return qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
         return (self._q(x_BTD, lora), *self._kv(x_BTD, lora))
 
-    def _q(self, x_BTD, lora=None):
-        q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, self.lora if lora is None else lora, "q")
+    def _q(self, x_BTD, lora):
+        q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, lora, "q")
         if self.b_q_NH is not None:
             q_BTNH = q_BTNH + self.b_q_NH[...].astype(q_BTNH.dtype)
         return q_BTNH
@@ -185,13 +184,13 @@ class Attention(nnx.Module):
     def cross_kv(self, context_BSD, lora=None) -> dict:
         """Cross-attention keys and values of the encoder output ({"k": B K H S, "v": B K S H}): computed once per
         source and reused at every decoding step."""
-        k_BSKH, v_BSKH = self._kv(context_BSD, lora)
+        k_BSKH, v_BSKH = self._kv(context_BSD, self.lora if lora is None else lora)
         k_BSKH, v_BSKH = constrain(k_BSKH, ACT_BSKH), constrain(v_BSKH, ACT_BSKH)
         return {"k": k_BSKH.transpose(0, 2, 3, 1), "v": v_BSKH.transpose(0, 2, 1, 3)}
 
-    def _project_out(self, out_BTNH, lora=None):
+    def _project_out(self, out_BTNH, lora):
         y_BTD = add_delta(dense_out(out_BTNH, self.w_o_NHD[...], 2, self.mm),
-                          out_BTNH.reshape(*out_BTNH.shape[:2], -1), self.lora if lora is None else lora, "o")
+                          out_BTNH.reshape(*out_BTNH.shape[:2], -1), lora, "o")
         if self.b_o_D is not None:
             y_BTD = y_BTD + self.b_o_D[...].astype(y_BTD.dtype)
         return y_BTD
@@ -232,9 +231,9 @@ class Attention(nnx.Module):
                                                    (0, 0, 0, cache_index)),
                  "v": jax.lax.dynamic_update_slice(cache["v"], v_BKSH.astype(cache["v"].dtype),
                                                    (0, 0, cache_index, 0))}
-        return self._project_out(out_BTNH), cache
+        return self._project_out(out_BTNH, lora), cache
 
-    def _attend_full(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights: bool, lora=None):
+    def _attend_full(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights: bool, lora):
         blocks = [(k_BKHS, v_BKSH, mask_B1TS)]
         probs_BKGTS = attention_probs(q_BTNH, blocks)
         out_BTNH = mix_values(probs_BKGTS, blocks, dropout_rate=self.dropout_rate, dropout_key=dropout_key)

@@ -56,9 +56,10 @@ class SFTPipeline:
 
     Rows: with `pack`, several conversations packed into rows of `pack_length` tokens (0: the smallest length bucket
     holding the longest conversation, at least 256), each a segment of its own (segment ids, positions restarting at
-    0) so none attends to another; packed in a seeded order each epoch (one compiled step; on a 2-core CPU SmolLM2
-    trains ~1.5x faster so than bucketed). Else one conversation per row, padded on the right to a length bucket
-    (each epoch shuffles within buckets and visits the batches in a seeded order).
+    0) so none attends to another; packed in a seeded order each epoch. One compiled step and almost no padding:
+    SmolLM2 LoRA trained 210 tokens/s packed vs 164 bucketed over its first minutes on a 2-core CPU. Else one
+    conversation per row, padded on the right to a length bucket (each epoch shuffles within buckets and visits the
+    batches in a seeded order).
     A batch holds `inputs`, `positions`, `segments` (0: padding), B x T, and the learned targets gathered per row:
     `loss_at` (their indices along T), `targets`, `weights` (0 pads the gather), B x N, where N is a fixed width
     per row length (the most targets any row of that length can hold), so the step compiles once per row length
@@ -72,8 +73,10 @@ class SFTPipeline:
         self.train = self._encode(train, tok, min(pack_length, T) if pack and pack_length else T)
         if not self.train:
             raise ConfigError(f"no training conversation has an assistant token within model.max_len={T}")
-        longest = max(self._length(e) for e in self.train)
-        self.pack = 0 if not pack else min(pack_length, T) if pack_length else self._bucket(min(max(longest, 256), T))
+        self.pack = 0  # row length when packing
+        if pack:
+            longest = max(self._length(e) for e in self.train)
+            self.pack = min(pack_length, T) if pack_length else self._bucket(min(max(longest, 256), T))
         val = sorted(self._encode(val, tok, T), key=len)[:n_eval * eval_rows]
         if not val:
             raise ConfigError(f"no validation conversation has an assistant token within model.max_len={T}")

@@ -13,7 +13,7 @@ from transformer.checkpoint import (
     CONFIG_FILE,
     WEIGHT_ITEMS,
     abstract_like,
-    overlay,
+    laid_over,
     read_run_config,
     write_json_atomic,
 )
@@ -89,11 +89,7 @@ def build_state(cfg: Config, mesh):
         the random init of the replaced weights, which for a 30-layer model took 90 s of compilation on XLA:CPU."""
         model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
         if base is not None:
-            params = nnx.state(model, nnx.Param)
-            pure = nnx.to_pure_dict(params)
-            overlay(pure, base)
-            nnx.replace_by_pure_dict(params, pure)
-            nnx.update(model, params)
+            nnx.update(model, laid_over(nnx.state(model, nnx.Param), base))
         return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0, lora=cfg.model.lora_rank > 0)[1]
 
     abstract = jax.eval_shape(create)
@@ -130,11 +126,6 @@ def init_or_restore(cfg: Config, ckpt, latest: int | None, run_dir: str, abstrac
         pipeline.restore(meta["data_state"])
         if cfg.lora_base:
             fresh = create(base)
-            for k in WEIGHT_ITEMS:
-                if k in state:
-                    pure = nnx.to_pure_dict(fresh[k])
-                    overlay(pure, nnx.to_pure_dict(state[k]))
-                    nnx.replace_by_pure_dict(fresh[k], pure)
-                    state[k] = fresh[k]
+            state.update({k: laid_over(fresh[k], nnx.to_pure_dict(state[k])) for k in WEIGHT_ITEMS if k in state})
         return state
-    return create() if base is None else create(base)  # leaf by leaf: new heads, LoRA adapters keep fresh values
+    return create(base)  # leaf by leaf: new heads, LoRA adapters keep their fresh values
