@@ -86,16 +86,17 @@ def matmul_bf16(x, w):
 
 
 def _matmul_bf16_fwd(x, w):
+    like_w = jnp.zeros((0,), w.dtype)  # the weight's own dtype (f32, or bf16 for a frozen LoRA base) for its gradient
     x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32), (x, w)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32), (x, w, like_w)
 
 
 def _matmul_bf16_bwd(res, g_MN):
-    x_MK, w_KN = res
+    x_MK, w_KN, like_w = res
     g_MN = g_MN.astype(jnp.bfloat16)
     dx = jnp.dot(g_MN, _physical_transpose(w_KN), preferred_element_type=jnp.float32)
     dw = jnp.dot(_physical_transpose(x_MK, batch_rows=True), g_MN, preferred_element_type=jnp.float32)
-    return dx, dw
+    return dx, dw.astype(like_w.dtype)
 
 
 matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
@@ -109,16 +110,17 @@ def matmul_nt_bf16(x_MK, w_NK):
 
 
 def _matmul_nt_bf16_fwd(x_MK, w_NK):
+    like_w = jnp.zeros((0,), w_NK.dtype)
     x_MK, w_NK = x_MK.astype(jnp.bfloat16), w_NK.astype(jnp.bfloat16)
-    return jnp.dot(x_MK, _physical_transpose(w_NK), preferred_element_type=jnp.float32), (x_MK, w_NK)
+    return jnp.dot(x_MK, _physical_transpose(w_NK), preferred_element_type=jnp.float32), (x_MK, w_NK, like_w)
 
 
 def _matmul_nt_bf16_bwd(res, g_MN):
-    x_MK, w_NK = res
+    x_MK, w_NK, like_w = res
     g_MN = g_MN.astype(jnp.bfloat16)
     dx = jnp.dot(g_MN, w_NK, preferred_element_type=jnp.float32)
     dw = jnp.dot(_physical_transpose(g_MN, batch_rows=True), x_MK, preferred_element_type=jnp.float32)
-    return dx, dw
+    return dx, dw.astype(like_w.dtype)
 
 
 matmul_nt_bf16.defvjp(_matmul_nt_bf16_fwd, _matmul_nt_bf16_bwd)

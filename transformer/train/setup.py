@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from transformer import sharding
@@ -90,7 +91,9 @@ def build_state(cfg: Config, mesh):
         model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
         if base is not None:
             nnx.update(model, laid_over(nnx.state(model, nnx.Param), base))
-        return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0, lora=cfg.model.lora_rank > 0)[1]
+        frozen_dtype = jnp.bfloat16 if cfg.model.matmul_dtype == "bfloat16" else None
+        return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0, lora=cfg.model.lora_rank > 0,
+                          frozen_dtype=frozen_dtype)[1]
 
     abstract = jax.eval_shape(create)
     graphdef = nnx.graphdef(abstract_model(cfg.model))

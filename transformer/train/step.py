@@ -26,9 +26,15 @@ def trained(params, lora: bool):
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool = False,
-               lora: bool = False):
-    """With `lora`, the optimizer state covers the adapters only: the base weights never enter the optimizer."""
+               lora: bool = False, frozen_dtype=None):
+    """With `lora`, the optimizer state covers the adapters only: the base weights never enter the optimizer, and
+    with `frozen_dtype` (bfloat16 when the matmuls take bf16 inputs) their matrices are stored in it, so no step
+    converts them again (norm scales and biases stay float32)."""
     graphdef, params = nnx.split(model, nnx.Param)
+    if lora and frozen_dtype is not None:
+        adapters, frozen = trained(params, lora)
+        frozen = jax.tree.map(lambda w: w.astype(frozen_dtype) if w.ndim >= 2 else w, frozen)
+        params = nnx.merge_state(adapters, frozen)
     state = {"params": params, "opt_state": tx.init(trained(params, lora)[0]), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(seed))}
     if ema:
