@@ -124,6 +124,13 @@ def test_packing_places_every_conversation_once_per_epoch():
         assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
         assert sum(lengths) / (128 * len(rows)) > 0.9  # little padding
     assert plans[0] != plans[1] and packed_plan(3, 0, lengths, 128, 4) == plans[0]
+    # a cap on the targets a row holds (the width of its gathered targets) is kept too
+    targets = lengths // 3
+    capped = [row for batch in packed_plan(3, 0, lengths, 128, 4, targets=targets, target_capacity=30)
+              for row in batch]
+    assert sorted(i for row in capped for i in row) == list(range(500))
+    assert max(sum(targets[i] for i in row) for row in capped) <= 30
+    assert max(sum(targets[i] for i in row) for row in rows) > 30  # without the cap, rows held more
 
 
 @pytest.mark.parametrize("rows, message", [

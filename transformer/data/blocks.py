@@ -37,23 +37,29 @@ def bucketed_plan(seed: int, epoch: int, lengths, buckets: list[int], per_batch)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def packed_plan(seed: int, epoch: int, lengths, capacity: int, rows_per_batch: int, window: int = 16) -> list:
+def packed_plan(seed: int, epoch: int, lengths, capacity: int, rows_per_batch: int, window: int = 16,
+                targets=None, target_capacity: int = 0) -> list:
     """An epoch's batches of packed rows: each row a list of example indices whose lengths sum to at most
-    `capacity`. The examples are visited in a seeded order (by (seed, epoch) alone) and each goes into the first of
-    the `window` most recently opened rows with room for it, else opens a new row; rows are cut into batches of
-    `rows_per_batch` in the order they were opened."""
+    `capacity` (and, with `targets`, whose target counts sum to at most `target_capacity`). The examples are visited
+    in a seeded order (by (seed, epoch) alone) and each goes into the first of the `window` most recently opened rows
+    with room for it, else opens a new row; rows are cut into batches of `rows_per_batch` in the order they were
+    opened."""
     rng = np.random.default_rng([seed, epoch])
-    rows, room, open_rows = [], [], []
+    if targets is None:
+        targets, target_capacity = np.zeros(len(lengths), int), 0
+    rows, room, target_room, open_rows = [], [], [], []
     for i in rng.permutation(len(lengths)):
-        n = int(lengths[i])
-        r = next((r for r in open_rows if room[r] >= n), None)
+        n, t = int(lengths[i]), int(targets[i])
+        r = next((r for r in open_rows if room[r] >= n and target_room[r] >= t), None)
         if r is None:
             r = len(rows)
             rows.append([])
             room.append(capacity)
+            target_room.append(target_capacity)
             open_rows = (open_rows + [r])[-window:]
         rows[r].append(int(i))
         room[r] -= n
+        target_room[r] -= t
     return [rows[k:k + rows_per_batch] for k in range(0, len(rows), rows_per_batch)]
 
 
