@@ -127,7 +127,7 @@ class DataConfig:
     val_target_file: str = ""
     source_lang: str = "de"
     target_lang: str = "en"
-    tokenizer: Literal["char", "sentencepiece"] = "char"
+    tokenizer: Literal["char", "sentencepiece", "bpe"] = "char"  # bpe: byte-level (GPT-2's kind)
     tokenizer_model: str = ""  # a trained sentencepiece .model; "" trains one on the training split
     vocab_size: int = 4096  # sentencepiece vocabulary when training one
     sp_model_type: Literal["bpe", "unigram"] = "bpe"
@@ -136,6 +136,17 @@ class DataConfig:
     # least 256), or with pack=false one per row, padded to a length bucket
     pack: bool = True
     pack_length: int = 0
+    # Language modelling at scale (data.prepared=true): documents streamed, tokenized by `workers` processes into
+    # shards of ~`shard_tokens` tokens with an end-of-text token after each, in a cache under `cache_dir` ("": the
+    # TRANSFORMER_CACHE variable, else ~/.cache/transformer) shared by every run of the same data and tokenizer, and
+    # read through Grain. A tokenizer trained here learns from the first `tokenizer_sample_mb` MB of the training
+    # text. With `segment_mask`, attention stays inside each document of a block and positions restart at each.
+    prepared: bool = False
+    cache_dir: str = ""
+    workers: int = 1
+    shard_tokens: int = 1 << 24
+    tokenizer_sample_mb: float = 64.0
+    segment_mask: bool = True
 
 
 @dataclass(frozen=True)
@@ -220,6 +231,9 @@ class Config:
                               "(model.arch=encoder_decoder); use train.batch_size, or 0 to switch them off")
         if d.pack_length < 0:
             raise ConfigError(f"data.pack_length={d.pack_length} must be >= 0 (0: automatic)")
+        _positive(d, "workers", "shard_tokens", "tokenizer_sample_mb")
+        if d.prepared and (t.task or TASK_OF_ARCH[m.arch]) != "lm":
+            raise ConfigError(f"data.prepared=true is for language modelling (train.task=lm), not {t.task or m.arch}")
         if self.mesh.cpu_devices < -1:
             raise ConfigError(f"mesh.cpu_devices={self.mesh.cpu_devices} must be >= -1 (-1: automatic, 0: JAX's "
                               "default of one)")
@@ -311,5 +325,5 @@ def check_lora(m: ModelConfig) -> None:
 def _positive(section, *names):
     for n in names:
         if getattr(section, n) <= 0:
-            kind = {ModelConfig: "model", TrainConfig: "train"}[type(section)]
+            kind = {ModelConfig: "model", TrainConfig: "train", DataConfig: "data"}[type(section)]
             raise ConfigError(f"{kind}.{n}={getattr(section, n)} must be > 0")

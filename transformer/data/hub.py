@@ -18,9 +18,10 @@ from transformer.config import ConfigError, first_line
 _HUB_LOGGERS = ("datasets", "huggingface_hub", "httpx", "httpcore", "urllib3", "fsspec", "filelock")
 
 
-def hub_dataset(path: str, name: str, split: str):
-    """One split of a Hugging Face hub dataset. With HF_HUB_OFFLINE=1, or when the hub does not answer a quick
-    connection check, from the local cache alone: no network, and an error within seconds when it is not there."""
+def hub_dataset(path: str, name: str, split: str, streaming: bool = False):
+    """One split of a Hugging Face hub dataset (with `streaming`, an iterable that downloads as it is read). With
+    HF_HUB_OFFLINE=1, or when the hub does not answer a quick connection check, from the local cache alone (not
+    streamed): no network, and an error within seconds when it is not there."""
     import datasets
 
     forced_offline = datasets.config.HF_HUB_OFFLINE  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, read at import
@@ -28,7 +29,7 @@ def hub_dataset(path: str, name: str, split: str):
     offline = forced_offline or not hub_reachable(endpoint)
     try:
         with _quiet_hub_libraries(), _hub_offline_mode(offline):
-            return datasets.load_dataset(path, name or None, split=split)
+            return datasets.load_dataset(path, name or None, split=split, streaming=streaming and not offline)
     except Exception as e:  # unknown name, bad split, ...: all one-line user errors
         if offline and isinstance(e, ConnectionError):  # what offline mode raises for a dataset not in the cache
             why = ("offline mode is on (HF_HUB_OFFLINE=1)" if forced_offline else

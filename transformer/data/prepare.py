@@ -1,15 +1,25 @@
-"""Data prepared once per run directory: the tokenizer (given, cached in the run, or trained on the training text)
-and, for the token-stream tasks, the encoded token streams, so a resumed run trains on exactly the same tokens."""
+"""Data prepared once: per run directory, the tokenizer (given, cached in the run, or trained on the training text)
+and, for the token-stream tasks, the encoded token streams, so a resumed run trains on exactly the same tokens; or
+(data.prepared) token shards in a cache that every run of the same data and tokenizer shares (`shards.py`)."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
 import numpy as np
 
-from transformer.config import Config, ConfigError
-from transformer.data.sources import load_texts, split_text
-from transformer.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+from transformer.config import Config, ConfigError, DataConfig
+from transformer.data.shards import cache_key, prepare_shards
+from transformer.data.sources import load_texts, source_identity, split_text, stream_texts
+from transformer.data.tokenizer import (
+    CharTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_from_json,
+)
 
 TOKENS_DIR = "tokens"
 
@@ -53,4 +63,57 @@ def text_tokenizer(cfg: Config, run_dir: str, tok: Tokenizer | None, train_texts
         tok = build_tokenizer(cfg.data, "\n".join(train_texts), "\n".join(val_texts))
     if jax.process_index() == 0:
         save_tokenizer(tok, run_dir)
+    return tok
+
+
+def cache_root(cfg: DataConfig) -> str:
+    return os.path.expanduser(cfg.cache_dir or os.environ.get("TRANSFORMER_CACHE", "") or "~/.cache/transformer")
+
+
+def prepared_shards(cfg: DataConfig, tok: Tokenizer | None = None, log=print) -> tuple[Tokenizer, str]:
+    """The tokenizer (given, or trained on a sample of the training text and cached) and the shard cache of this
+    data, prepared now unless a complete one is there. Without validation data, every k-th document (k = 1 /
+    data.val_fraction) is held out."""
+    source = source_identity(cfg)
+    root = cache_root(cfg)
+    tok = tok or _sample_tokenizer(cfg, source, root, log)
+    val_every = 0 if source["val"] else max(2, round(1.0 / cfg.val_fraction))
+
+    def documents():
+        for i, text in enumerate(stream_texts(cfg)):
+            yield ("val" if val_every and (i + 1) % val_every == 0 else "train"), text
+        for text in stream_texts(cfg, val=True):
+            yield "val", text
+
+    cache = os.path.join(root, "shards", cache_key(source=source, tokenizer=tok.to_json(), val_every=val_every,
+                                                   shard_tokens=cfg.shard_tokens))
+    prepare_shards(documents, tok, cache, workers=cfg.workers, shard_tokens=cfg.shard_tokens, log=log)
+    return tok, cache
+
+
+def _sample_tokenizer(cfg: DataConfig, source: dict, root: str, log) -> Tokenizer:
+    """A tokenizer trained on the first data.tokenizer_sample_mb MB of the training documents, cached by what it
+    depends on (a given sentencepiece model is read as it is)."""
+    if cfg.tokenizer == "sentencepiece" and cfg.tokenizer_model:
+        return build_tokenizer(cfg, "")
+    settings = {k: getattr(cfg, k) for k in ("tokenizer", "vocab_size", "sp_model_type", "tokenizer_sample_mb")}
+    path = os.path.join(root, "tokenizers", cache_key(source=source["train"], settings=settings) + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return tokenizer_from_json(json.load(f))
+    budget, texts = int(cfg.tokenizer_sample_mb * 2**20), []
+    for text in stream_texts(cfg):
+        texts.append(text)
+        budget -= len(text)
+        if budget <= 0:
+            break
+    sample = "\n\n".join(texts)[:int(cfg.tokenizer_sample_mb * 2**20)]
+    log(f"training the {cfg.tokenizer} tokenizer on {len(sample) / 2**20:.1f} MB of the training text")
+    # characters get an end-of-text id of their own (the others have one: sentencepiece's eos, BPE's <|endoftext|>)
+    tok = CharTokenizer(sample, end_of_text=True) if cfg.tokenizer == "char" else build_tokenizer(cfg, sample)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(tok.to_json(), f)
+    os.replace(tmp, path)
     return tok

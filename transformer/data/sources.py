@@ -16,6 +16,8 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
+from typing import Iterator
 
 from transformer.config import ConfigError, DataConfig, first_line
 from transformer.data.hub import hub_dataset
@@ -53,6 +55,61 @@ def load_texts(cfg: DataConfig) -> tuple[list[str], list[str] | None]:
             raise ConfigError("data.val_split names a split of a hub dataset; for local data set data.val_path")
         return train, _load_hub(cfg.path, cfg.name, cfg.val_split, cfg.text_column)
     return train, None
+
+
+def stream_texts(cfg: DataConfig, val: bool = False) -> Iterator[str]:
+    """The training documents (with `val`, the validation ones of data.val_path / data.val_split) one at a time,
+    never all in memory: .txt files one per file, tables and hub datasets through `datasets` streaming."""
+    if val and not (cfg.val_path or cfg.val_split):
+        return
+    if not val and cfg.path == "":
+        yield from default_corpus()
+        return
+    if val and cfg.val_split:
+        yield from _stream_column(hub_dataset(cfg.path, cfg.name, cfg.val_split, streaming=True), cfg.text_column,
+                                  cfg.path)
+        return
+    path = cfg.val_path if val else cfg.path
+    if not _is_local(path):
+        yield from _stream_column(hub_dataset(path, cfg.name, cfg.split, streaming=True), cfg.text_column, path)
+        return
+    files, builder = _files_and_builder(path)
+    if builder is None:
+        for f in files:
+            yield _read_txt(f)
+        return
+    import datasets
+
+    yield from _stream_column(datasets.load_dataset(builder, data_files=files, split="train", streaming=True),
+                              cfg.text_column, path)
+
+
+def source_identity(cfg: DataConfig) -> dict:
+    """What prepared data depends on in its source: local files by path, size and modification time (an edited
+    file prepares again), a hub dataset by name and split, the default corpus by this Python's version."""
+    def files(path):
+        return [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in _local_files(path)]
+
+    def one(path, split):
+        if path == "":
+            return {"default": DEFAULT_CORPUS, "python": sys.version.split()[0]}
+        if _is_local(path):
+            return {"files": files(path), "column": cfg.text_column}
+        return {"hub": path, "name": cfg.name, "split": split, "column": cfg.text_column}
+
+    val = one(cfg.val_path, "") if cfg.val_path else one(cfg.path, cfg.val_split) if cfg.val_split else None
+    return {"train": one(cfg.path, cfg.split), "val": val}
+
+
+def _stream_column(rows, column: str, source: str) -> Iterator[str]:
+    for row in rows:
+        if column not in row:
+            raise ConfigError(f"{source} has no column {column!r} (data.text_column); available columns: "
+                              f"{', '.join(row)}")
+        text = row[column]
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(f"column {column!r} of {source} does not hold text; set data.text_column")
+        yield text or ""
 
 
 def load_examples(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
@@ -225,7 +282,8 @@ def _local_files(pattern: str) -> list[str]:
     return [pattern]
 
 
-def _read_local(pattern: str, column: str) -> list[str]:
+def _files_and_builder(pattern: str) -> tuple[list[str], str | None]:
+    """The files a local data path names and the `datasets` builder that reads them (None: plain text)."""
     files = _local_files(pattern)
     exts = sorted({_ext(f) for f in files})
     unsupported = [e for e in exts if e not in _BUILDERS]
@@ -235,7 +293,11 @@ def _read_local(pattern: str, column: str) -> list[str]:
     builders = {_BUILDERS[e] for e in exts}
     if len(builders) > 1:
         raise ConfigError(f"{pattern} mixes file types {exts}; use one format")
-    builder = builders.pop()
+    return files, builders.pop()
+
+
+def _read_local(pattern: str, column: str) -> list[str]:
+    files, builder = _files_and_builder(pattern)
     if builder is None:  # plain text: read as is (no datasets cache, no splitting into lines)
         return _nonempty([_read_txt(f) for f in files], pattern)
     import datasets  # slow to import; only needed here and for the hub

@@ -54,12 +54,16 @@ def hex_bytes(data: bytes) -> str:
 
 
 class CharTokenizer:
-    """One id per distinct character of the training text; ids follow code-point order."""
+    """One id per distinct character of the training text; ids follow code-point order. With `end_of_text`, one
+    more id after them ends a document (prepared shards put it after each; sampling stops there)."""
 
-    def __init__(self, chars: str):
+    END_OF_TEXT = "<|endoftext|>"
+
+    def __init__(self, chars: str, end_of_text: bool = False):
         if not chars:
             raise ConfigError("cannot build a char tokenizer from empty text")
         self._codepoints = np.unique(_codepoints(chars))  # sorted, so encode can binary-search it
+        self.end_of_text = end_of_text
 
     @classmethod
     def train(cls, text: str) -> "CharTokenizer":
@@ -71,15 +75,20 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._codepoints)
+        return len(self._codepoints) + self.end_of_text
 
-    # Character streams have no special tokens: training packs raw text and sampling stops on length.
-    eos_id = bos_id = pad_id = None
+    @property
+    def eos_id(self) -> int | None:
+        return len(self._codepoints) if self.end_of_text else None
+
+    # Without an end-of-text id a character stream has no special tokens: training packs raw text and sampling
+    # stops on length.
+    bos_id = pad_id = None
 
     def encode(self, text: str) -> np.ndarray:
         cp = _codepoints(text)
         ids = np.searchsorted(self._codepoints, cp)
-        found = self._codepoints[np.minimum(ids, self.vocab_size - 1)] == cp
+        found = self._codepoints[np.minimum(ids, len(self._codepoints) - 1)] == cp
         if not found.all():
             bad = chr(cp[np.argmin(found)])
             raise ConfigError(f"character {bad!r} is not in the vocabulary: the char tokenizer never saw it in the "
@@ -87,20 +96,26 @@ class CharTokenizer:
         return ids.astype(np.int32)
 
     def decode(self, ids) -> str:
-        return self._codepoints[np.asarray(ids, np.int64)].tobytes().decode(_UTF32, "surrogatepass")
+        ids = np.asarray(ids, np.int64)
+        if self.end_of_text:
+            ids = ids[ids != self.eos_id]
+        return self._codepoints[ids].tobytes().decode(_UTF32, "surrogatepass")
 
     def piece(self, i: int) -> str:
         """Token i as it reads, whitespace drawn."""
-        return visible(self.decode([i]))
+        return self.END_OF_TEXT if i == self.eos_id else visible(self.decode([i]))
 
     def to_json(self) -> dict:
-        return {"type": "char", "chars": self.chars}
+        return {"type": "char", "chars": self.chars, **({"end_of_text": True} if self.end_of_text else {})}
 
     def to_hf(self) -> "HFTokenizer":
         """The same tokenizer as a Hugging Face tokenizer.json (for export): a BPE model with one token per character
         and no merges splits any text into its characters, and the Fuse decoder joins them back."""
         tok = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(self.chars)}, []))
         tok.decoder = tokenizers.decoders.Fuse()
+        if self.end_of_text:
+            tok.add_special_tokens([self.END_OF_TEXT])  # the next id, as here
+            return HFTokenizer(tok.to_str(), eos=self.END_OF_TEXT)
         return HFTokenizer(tok.to_str())
 
 
@@ -193,7 +208,7 @@ Tokenizer = CharTokenizer | SentencePieceTokenizer
 def tokenizer_from_json(d: dict) -> Tokenizer:
     kind = d.get("type") if isinstance(d, dict) else None
     if kind == "char":
-        return CharTokenizer(d["chars"])
+        return CharTokenizer(d["chars"], bool(d.get("end_of_text", False)))
     if kind == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(d["model"], validate=True))
     if kind == "huggingface":
@@ -235,7 +250,9 @@ def build_tokenizer(cfg: DataConfig, train_text: str, val_text: str = "") -> Tok
         if cfg.tokenizer_model:
             return SentencePieceTokenizer.from_file(cfg.tokenizer_model)
         return SentencePieceTokenizer.train(train_text, cfg.vocab_size, cfg.sp_model_type)
-    raise ConfigError(f"unknown data.tokenizer={cfg.tokenizer!r}; use 'char' or 'sentencepiece'")
+    if cfg.tokenizer == "bpe":
+        return HFTokenizer.train_byte_level(train_text, cfg.vocab_size)
+    raise ConfigError(f"unknown data.tokenizer={cfg.tokenizer!r}; use 'char', 'sentencepiece' or 'bpe'")
 
 
 def _optional_id(i: int) -> int | None:
@@ -278,6 +295,20 @@ class HFTokenizer:
         for kind, token in (("bos", bos), ("eos", eos), ("pad", pad)):
             if token is not None and self._tok.token_to_id(token) is None:
                 raise ConfigError(f"the {kind} token {token!r} is not in the vocabulary")
+
+    @classmethod
+    def train_byte_level(cls, text: str, vocab_size: int) -> "HFTokenizer":
+        """A byte-level BPE (GPT-2's kind: every byte string encodes, no unknown token) learned from `text`, with
+        <|endoftext|> as its eos."""
+        eos = "<|endoftext|>"
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                                 initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        lines = text.splitlines(keepends=True)
+        tok.train_from_iterator(("".join(lines[k:k + 1000]) for k in range(0, len(lines), 1000)), trainer)
+        return cls(tok.to_str(), eos=eos)
 
     @classmethod
     def from_file(cls, path: str) -> "HFTokenizer":

@@ -104,9 +104,8 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: Config, mesh, sh
         return sums_fn(params, batch, None)
 
     repl = sharding.replicated(mesh)
-    keys = task.keys
+    # one sharding for every array of the batch (a pytree prefix), whichever arrays the task's batches hold
     train = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, repl),
-                    in_shardings=(shardings, dict.fromkeys(keys, sharding.batch_sharding(mesh, lead_axes=1))))
-    evaluate = jax.jit(eval_step, out_shardings=repl,
-                       in_shardings=(shardings["params"], dict.fromkeys(keys, sharding.batch_sharding(mesh))))
+                    in_shardings=(shardings, sharding.batch_sharding(mesh, lead_axes=1)))
+    evaluate = jax.jit(eval_step, out_shardings=repl, in_shardings=(shardings["params"], sharding.batch_sharding(mesh)))
     return train, evaluate

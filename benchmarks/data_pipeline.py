@@ -1,0 +1,155 @@
+"""Data at pretraining scale on this machine: preparing a generated corpus into token shards, and reading them back.
+
+    python benchmarks/data_pipeline.py [--gb 2,0.5] [--workers 1,2] [--tokenizers sentencepiece,bpe] [--dir DIR]
+
+Generates (once, under --dir) a corpus of at least the largest --gb of text as .jsonl files: documents of 1-12
+paragraphs drawn from the embedded corpus (Python's help topics) and tiny Shakespeare (../shared/data), shuffled, with
+about one word in eight replaced by another of the corpus and numbers spliced in, so it neither repeats nor
+compresses to nothing. For each tokenizer (sentencepiece BPE and byte-level BPE, both 8,192 pieces, trained on a
+64 MB sample) and corpus size, it prepares the shards with 1 and 2 worker processes (each in a fresh process, with
+an empty cache) and prints the throughput in MB of text per second and the peak resident memory (the preparing
+process plus its largest worker). Then the loader: tokens per second delivered as gpt2_small batches (12 x 1,024,
+with document segments) from the shards, and the time to the first batch of a run resumed deep into them.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+
+def paragraphs() -> list[str]:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    shakespeare = SHARED / "data/tinyshakespeare/input.txt"
+    if shakespeare.exists():
+        text += "\n\n" + shakespeare.read_text(encoding="utf-8")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) > 40]
+
+
+def generate(out_dir: Path, gb: float, seed: int = 0) -> list[Path]:
+    """.jsonl files of ~256 MB each until `gb` GB of text; files already there are kept (generated once)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = int(gb * 2**30)
+    files = sorted(out_dir.glob("part_*.jsonl"))
+    have = sum(int(f.stat().st_size) for f in files)
+    pool = paragraphs()
+    words = sorted({w for p in pool[:5000] for w in p.split()})
+    rng = np.random.default_rng([seed, len(files)])
+    while have < target:
+        path = out_dir / f"part_{len(files):03d}.jsonl"
+        size = 0
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            while size < 256 * 2**20 and have + size < target:
+                doc = "\n\n".join(pool[i] for i in rng.integers(0, len(pool), rng.integers(1, 13))).split(" ")
+                swap = rng.integers(0, len(doc), len(doc) // 8)
+                for k, w in zip(swap, rng.integers(0, len(words), len(swap))):
+                    doc[k] = words[w]
+                for k in rng.integers(0, len(doc), max(1, len(doc) // 40)):
+                    doc[k] = f"{doc[k]} {rng.integers(0, 10**6)}"
+                line = json.dumps({"text": " ".join(doc)}, ensure_ascii=False) + "\n"
+                f.write(line)
+                size += len(line.encode("utf-8"))
+        os.replace(f"{path}.tmp", path)
+        files.append(path)
+        have += size
+        print(f"generated {path.name}: {size / 2**20:.0f} MB ({have / 2**30:.2f} GB in all)", flush=True)
+    return files
+
+
+def corpus_of(files: list[Path], gb: float) -> tuple[str, float]:
+    """A glob naming the first files that hold `gb` GB, as a directory of links (the data path of one size)."""
+    chosen, total = [], 0
+    for f in files:
+        if total >= gb * 2**30 * 0.99:
+            break
+        chosen.append(f)
+        total += f.stat().st_size
+    link_dir = files[0].parent / f"size_{gb:g}"
+    link_dir.mkdir(exist_ok=True)
+    for f in chosen:
+        if not (link_dir / f.name).exists():
+            (link_dir / f.name).symlink_to(f)
+    return str(link_dir / "*.jsonl"), total / 2**20
+
+
+PREPARE = """
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+from transformer.config import DataConfig
+from transformer.data.prepare import prepared_shards
+cfg = DataConfig(**json.loads(sys.argv[1]))
+t = time.perf_counter()
+tok, cache = prepared_shards(cfg, log=lambda s: None)
+seconds = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({{"seconds": seconds, "peak_kb": peak, "cache": cache}}))
+"""
+
+
+def prepare(data: str, tokenizer: str, workers: int, cache_dir: str) -> dict:
+    import shutil
+
+    shutil.rmtree(os.path.join(cache_dir, "shards"), ignore_errors=True)  # the tokenizer stays cached
+    settings = {"path": data, "prepared": True, "cache_dir": cache_dir, "workers": workers, "vocab_size": 8192,
+                "tokenizer": tokenizer, "tokenizer_sample_mb": 64}
+    out = subprocess.run([sys.executable, "-c", PREPARE.format(repo=str(REPO)), json.dumps(settings)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"preparation failed: {out.stderr.strip().splitlines()[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def loader(cache: str, batches: int = 300) -> tuple[float, float]:
+    from transformer.data.loader import ShardPipeline
+
+    p = ShardPipeline(cache, T=1024, batch_rows=12, eval_rows=12, n_eval=1, seed=0)
+    every = np.arange
+    p.next(0, every)
+    t = time.perf_counter()
+    tokens = sum(p.next(s, every)["inputs"].size for s in range(1, batches + 1))
+    rate = tokens / (time.perf_counter() - t)
+    t = time.perf_counter()
+    resumed = ShardPipeline(cache, T=1024, batch_rows=12, eval_rows=12, n_eval=1, seed=0)
+    resumed.restore({"batch": 1_000_000})
+    resumed.next(1_000_000, every)
+    return rate, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", default="2,0.5")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--tokenizers", default="sentencepiece,bpe")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/transformer_data_bench"))
+    args = ap.parse_args()
+    sizes = sorted((float(g) for g in args.gb.split(",")), reverse=True)
+    files = generate(args.dir / "corpus", sizes[0])
+    print("tokenizer | corpus GB | workers | MB/s | seconds | peak RSS MB", flush=True)
+    caches = {}
+    for tokenizer in args.tokenizers.split(","):
+        for gb in sizes:
+            data, mb = corpus_of(files, gb)
+            for workers in (int(w) for w in args.workers.split(",")):
+                r = prepare(data, tokenizer, workers, str(args.dir / f"cache_{tokenizer}"))
+                caches[tokenizer] = r["cache"]
+                print(f"{tokenizer} | {mb / 1024:.2f} | {workers} | {mb / r['seconds']:.1f} | {r['seconds']:.0f} | "
+                      f"{r['peak_kb'] / 1024:.0f}", flush=True)
+    for tokenizer, cache in caches.items():
+        rate, first = loader(cache)
+        print(f"loader ({tokenizer} shards): {rate / 1e6:.2f}M tokens/s as 12 x 1,024 batches with segments; first "
+              f"batch of a run resumed at batch 1,000,000: {first:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
