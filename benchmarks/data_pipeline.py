@@ -7,9 +7,10 @@ paragraphs drawn from the embedded corpus (Python's help topics) and tiny Shakes
 about one word in eight replaced by another of the corpus and numbers spliced in, so it neither repeats nor
 compresses to nothing. For each tokenizer (sentencepiece BPE and byte-level BPE, both 8,192 pieces, trained on a
 64 MB sample) and corpus size, it prepares the shards with 1 and 2 worker processes (each in a fresh process, with
-an empty cache) and prints the throughput in MB of text per second and the peak resident memory (the preparing
-process plus its largest worker). Then the loader: tokens per second delivered as gpt2_small batches (12 x 1,024,
-with document segments) from the shards, and the time to the first batch of a run resumed deep into them.
+an empty cache) and prints the throughput in MB of text per second (the tokenizer's training, timed apart, not
+included) and the peak resident memory (the preparing process plus its largest worker). Then the loader: tokens
+per second delivered as gpt2_small batches (12 x 1,024, with document segments) from the shards, and the time to the
+first batch of a run resumed deep into them.
 """
 import argparse
 import json
@@ -87,13 +88,17 @@ PREPARE = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 from transformer.config import DataConfig
-from transformer.data.prepare import prepared_shards
+from transformer.data.prepare import _sample_tokenizer, cache_root, prepared_shards
+from transformer.data.sources import source_identity
 cfg = DataConfig(**json.loads(sys.argv[1]))
 t = time.perf_counter()
-tok, cache = prepared_shards(cfg, log=lambda s: None)
+tok = _sample_tokenizer(cfg, source_identity(cfg), cache_root(cfg), lambda s: None)
+tok_seconds = time.perf_counter() - t
+t = time.perf_counter()
+tok, cache = prepared_shards(cfg, tok, log=lambda s: None)
 seconds = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({{"seconds": seconds, "peak_kb": peak, "cache": cache}}))
+print(json.dumps({{"seconds": seconds, "tokenizer_seconds": tok_seconds, "peak_kb": peak, "cache": cache}}))
 """
 
 
@@ -135,7 +140,8 @@ def main():
     args = ap.parse_args()
     sizes = sorted((float(g) for g in args.gb.split(",")), reverse=True)
     files = generate(args.dir / "corpus", sizes[0])
-    print("tokenizer | corpus GB | workers | MB/s | seconds | peak RSS MB", flush=True)
+    print("tokenizer | corpus GB | workers | MB/s | seconds | peak RSS MB | tokenizer training s (cached after "
+          "the first)", flush=True)
     caches = {}
     for tokenizer in args.tokenizers.split(","):
         for gb in sizes:
@@ -144,7 +150,7 @@ def main():
                 r = prepare(data, tokenizer, workers, str(args.dir / f"cache_{tokenizer}"))
                 caches[tokenizer] = r["cache"]
                 print(f"{tokenizer} | {mb / 1024:.2f} | {workers} | {mb / r['seconds']:.1f} | {r['seconds']:.0f} | "
-                      f"{r['peak_kb'] / 1024:.0f}", flush=True)
+                      f"{r['peak_kb'] / 1024:.0f} | {r['tokenizer_seconds']:.0f}", flush=True)
     for tokenizer, cache in caches.items():
         rate, first = loader(cache)
         print(f"loader ({tokenizer} shards): {rate / 1e6:.2f}M tokens/s as 12 x 1,024 batches with segments; first "

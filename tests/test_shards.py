@@ -239,3 +239,14 @@ def test_training_on_prepared_shards_resumes_as_if_uninterrupted(tmp_path):
     train(args("half", 6), resume=True)
     assert len(os.listdir(tmp_path / "c" / "shards")) == 1  # both runs read one prepared cache
     np.testing.assert_allclose(losses("half")[-3:], losses("full")[-3:], rtol=1e-5)
+
+
+def test_byte_level_bpe_encodes_in_batches_as_one_by_one_and_round_trips():
+    from transformer.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.train_byte_level("\n".join(DOCS), 300)
+    texts = DOCS[:5] + ["naïve café ✓"]  # bytes the training text never had still encode
+    for ids, text in zip(tok.encode_batch(texts), texts):
+        np.testing.assert_array_equal(ids, tok.encode(text))
+        assert tok.decode(ids) == text
+    assert tok.eos_id is not None and tok.vocab_size <= 300

@@ -192,8 +192,10 @@ def _init_worker(tokenizer_json: dict) -> None:
 
 def _encode_chunk(docs: list[tuple[str, str]], eot: int, tok=None) -> list[tuple[str, np.ndarray]]:
     tok = tok or _worker_tok
-    return [(split, np.append(np.asarray(tok.encode(text), np.int64), eot) if text else np.zeros(0, np.int64))
-            for split, text in docs]
+    texts = [text for _, text in docs]
+    encoded = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+    return [(split, np.append(np.asarray(ids, np.int64), eot) if text else np.zeros(0, np.int64))
+            for (split, text), ids in zip(docs, encoded)]
 
 
 def _tokenized(docs: Iterable[tuple[str, str]], tokenizer_json: dict, eot: int, workers: int,

@@ -365,6 +365,11 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
+        """`encode` of each text, in one call into the tokenizers library (no Python per document)."""
+        encodings = self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
 
