@@ -36,7 +36,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
     import numpy as np
 
     from transformer import platform, sharding
-    from transformer.checkpoint import CONFIG_FILE, Checkpointer, write_json_atomic
+    from transformer.checkpoint import Checkpointer, write_run_config
     from transformer.cli import parse_args
     from transformer.infer.evaluate import bleu, translate_texts
     from transformer.tasks import TASKS
@@ -99,7 +99,7 @@ def run_ours(minutes: float, data: Path, run_dir: str, extra: list[str]) -> dict
         paused += time.perf_counter() - e0
 
     ckpt = Checkpointer(run_dir, keep=1)
-    write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
+    write_run_config(run_dir, cfg.to_dict())
     ckpt.save(step, state, checkpoint_meta(cfg, pipeline, tok))
     ckpt.wait()
     ckpt.close()

@@ -19,6 +19,7 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from transformer.config import ConfigError
+from transformer.files import write_json_atomic
 
 CKPT_DIR = "checkpoints"
 WEIGHT_ITEMS = ("params", "ema")  # saved as their own items, so inference restores one set of weights alone
@@ -101,11 +102,8 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def write_run_config(run_dir: str, config: dict) -> None:
+    write_json_atomic(os.path.join(run_dir, CONFIG_FILE), config, indent=2, sort_keys=True)
 
 
 def read_run_config(run_dir: str) -> dict | None:

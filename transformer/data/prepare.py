@@ -20,6 +20,7 @@ from transformer.data.tokenizer import (
     save_tokenizer,
     tokenizer_from_json,
 )
+from transformer.files import write_atomic, write_json_atomic
 
 TOKENS_DIR = "tokens"
 
@@ -37,9 +38,7 @@ def token_streams(cfg: Config, run_dir: str, tok: Tokenizer | None = None) -> tu
     if jax.process_index() == 0:  # every host computes the same tokens; one writes the cache
         os.makedirs(tok_dir, exist_ok=True)
         for path, arr in ((train_path, train_tokens), (val_path, val_tokens)):
-            tmp = f"{path}.tmp{os.getpid()}.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, path)
+            write_atomic(path, lambda f, arr=arr: np.save(f, arr), binary=True)
         save_tokenizer(tok, run_dir)
     return tok, train_tokens, val_tokens
 
@@ -112,8 +111,5 @@ def _sample_tokenizer(cfg: DataConfig, source: dict, root: str, log) -> Tokenize
     # characters get an end-of-text id of their own (the others have one: sentencepiece's eos, BPE's <|endoftext|>)
     tok = CharTokenizer(sample, end_of_text=True) if cfg.tokenizer == "char" else build_tokenizer(cfg, sample)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(tok.to_json(), f)
-    os.replace(tmp, path)
+    write_json_atomic(path, tok.to_json())
     return tok

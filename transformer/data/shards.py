@@ -30,6 +30,7 @@ import numpy as np
 
 from transformer.config import ConfigError
 from transformer.data.tokenizer import tokenizer_from_json
+from transformer.files import write_atomic, write_json_atomic
 
 FORMAT = 1
 INDEX = "index.json"
@@ -73,7 +74,8 @@ def prepare_shards(docs: Callable[[], Iterable[tuple[str, str]]], tok, cache_dir
             for split in SPLITS:
                 if counts[split]:
                     name = f"{split}_{sum(split in f for f in index['flushes']):05d}.bin"
-                    _write_atomic(os.path.join(cache_dir, name), np.concatenate(buffers[split]).astype(dtype))
+                    write_atomic(os.path.join(cache_dir, name), np.concatenate(buffers[split]).astype(dtype).tofile,
+                                 binary=True, durable=True)
                     record[split] = [name, counts[split]]
                 buffers[split], counts[split] = [], 0
             index["flushes"].append(record)
@@ -119,13 +121,7 @@ def read_index(cache_dir: str) -> dict | None:
 
 
 def write_index(cache_dir: str, index: dict) -> None:
-    path = os.path.join(cache_dir, INDEX)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(index, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(cache_dir, INDEX), index, durable=True)
 
 
 class TokenShards:
@@ -160,15 +156,6 @@ def _valid_prefix(cache_dir: str, index: dict | None) -> dict | None:
             index = dict(index, flushes=index["flushes"][:k], complete=False)
             break
     return index
-
-
-def _write_atomic(path: str, tokens: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        tokens.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

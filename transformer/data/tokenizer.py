@@ -16,6 +16,7 @@ import sentencepiece as spm
 import tokenizers
 
 from transformer.config import ConfigError, DataConfig, first_line
+from transformer.files import write_json_atomic
 
 # Text <-> an array of code points in one C call each way; "surrogatepass" so no Python str is unencodable.
 _UTF32 = "utf-32-le"
@@ -222,12 +223,7 @@ TOKENIZER_FILE = "tokenizer.json"
 def save_tokenizer(tok: Tokenizer, run_dir: str) -> str:
     """Write run_dir/tokenizer.json atomically (a crash mid-write never leaves a truncated file)."""
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, TOKENIZER_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(tok.to_json(), f)
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(os.path.join(run_dir, TOKENIZER_FILE), tok.to_json())
 
 
 def load_tokenizer(run_dir: str) -> Tokenizer:

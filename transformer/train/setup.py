@@ -11,12 +11,11 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.checkpoint import (
-    CONFIG_FILE,
     WEIGHT_ITEMS,
     abstract_like,
     laid_over,
     read_run_config,
-    write_json_atomic,
+    write_run_config,
 )
 from transformer.config import Config, ConfigError, check_lora, first_line
 from transformer.infer.loading import LoadedRun, load_run
@@ -76,7 +75,7 @@ def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab,
                                                              n_classes=len(data.labels or ()))).validate()
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
+        write_run_config(run_dir, cfg.to_dict())
     return cfg, task, data, pipeline, source
 
 
