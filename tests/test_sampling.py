@@ -190,14 +190,22 @@ def test_logprobs_are_the_models_log_softmax():
     np.testing.assert_allclose(out.logprobs[0], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_streaming_chunks_give_the_same_tokens():
-    _, graphdef, state = split()
-    kw = dict(max_new_tokens=11, max_len=16, sampler=Sampler(1.0), key=jax.random.key(4))
+@pytest.mark.parametrize("max_new, max_len", [(11, 16), (90, 128)])  # the second grows its cache: 80 -> 106 slots
+def test_streaming_chunks_give_the_same_tokens_the_first_one_alone(max_new, max_len):
+    _, graphdef, state = split(max_len=max_len)
+    kw = dict(max_new_tokens=max_new, max_len=max_len, sampler=Sampler(1.0), key=jax.random.key(4))
     whole = generate(graphdef, state, [[1, 2], [3]], **kw).tokens
-    seen = [[], []]
-    streamed = generate(graphdef, state, [[1, 2], [3]], chunk=3,
-                        on_tokens=lambda rows: [s.extend(r) for s, r in zip(seen, rows)], **kw).tokens
+    seen, calls = [[], []], []
+
+    def on_tokens(rows):
+        calls.append([len(r) for r in rows])
+        for s, r in zip(seen, rows):
+            s.extend(r)
+
+    streamed = generate(graphdef, state, [[1, 2], [3]], chunk=7, on_tokens=on_tokens, **kw).tokens
     assert streamed == whole == seen
+    assert calls[0] == [1, 1]  # shown as soon as the prompt is read
+    assert sum(c[0] for c in calls) == len(whole[0])
 
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
