@@ -4,6 +4,7 @@ directories made by tests/fixtures/make_decoder_reference.py with torch, loaded 
 re-import; and the bad inputs an importer must refuse in one line."""
 import dataclasses
 import json
+import math
 import os
 
 import jax
@@ -229,7 +230,7 @@ def _llama_cpp_permute(w, n_heads):
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, hf_tensors, cfg, tokenizer_json, qtype="F16", arch="llama", raw=None):
+def write_gguf(path, hf_tensors, cfg, tokenizer_json, qtype="F16", arch="llama", raw=None, extra=None, meta=None):
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
@@ -273,6 +274,10 @@ def write_gguf(path, hf_tensors, cfg, tokenizer_json, qtype="F16", arch="llama",
         else:
             q = quants.quantize(t.astype(np.float32), Q[qtype])
             w.add_tensor(g, q, raw_dtype=Q[qtype])
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, np.asarray(t, np.float32))
+    for key, value in (meta or {}).items():
+        w.add_uint32(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -319,6 +324,53 @@ def test_gguf_tensor_types_rotary_order_and_tokenizer(tmp_path, ref, qtype):
     for text in ["The cat sat on the mat.", "Grüße aus Köln: 42 apples cost 3.50 €.", "<|im_start|>user\nhi"]:
         assert pre.tokenizer.encode(text).tolist() == original.encode(text).tolist(), text
     assert (pre.tokenizer.bos_id, pre.tokenizer.eos_id, pre.tokenizer.chat_template) == (0, 2, CHATML)
+
+
+def _llama_cpp_rope_factors(theta, H, factor, low, high, original):
+    """What llama.cpp's converter stores as rope_freqs.weight for a Llama 3.1 config, written out from its
+    description (a divisor per frequency), independently of the importer's inverse."""
+    out = []
+    for i in range(0, H, 2):
+        wavelen = 2 * math.pi * theta ** (i / H)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            s = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - s) / factor + s))
+    return np.array(out, np.float32)
+
+
+def test_gguf_rope_freqs_become_llama3_scaling(tmp_path, ref):
+    """A Llama 3.1-style GGUF (rotary divisors in rope_freqs.weight) loads with the rope_scaling its Hugging Face
+    config had, and gives that model's logits; divisors that follow no Llama 3 scaling are refused."""
+    from transformer.convert import llama
+    from transformer.convert.gguf import load_gguf
+    from transformer.convert.hf import import_decoder
+
+    cfg, hf = _tiny_llama(ref)
+    scaled = dataclasses.replace(cfg, rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                                 rope_high_freq_factor=16.0, rope_original_max_len=2048)
+    factors = _llama_cpp_rope_factors(cfg.rope_theta, cfg.d_head, 8.0, 1.0, 16.0, 2048)
+    assert 1.0 in factors and 8.0 in factors and ((factors > 1) & (factors < 8)).sum() == 3
+    meta = {"llama.rope.scaling.original_context_length": 2048}
+    write_gguf(tmp_path / "l31.gguf", hf, cfg, str(ref["tokenizer"]), "F32", extra={"rope_freqs.weight": factors},
+               meta=meta)
+    pre = load_gguf(str(tmp_path / "l31.gguf"))
+    assert pre.cfg.rope_scaling == "llama3" and pre.cfg.rope_original_max_len == 2048
+    np.testing.assert_allclose([pre.cfg.rope_factor, pre.cfg.rope_low_freq_factor, pre.cfg.rope_high_freq_factor],
+                               [8.0, 1.0, 16.0], rtol=1e-5)
+    _, want = import_decoder(llama, llama.hf_config(scaled), hf, "reference")
+    x = jnp.asarray(ref["llama/input_ids"])
+    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(scaled, want, None, ""))(x), rtol=0, atol=1e-5)
+    plain = model_of(type(pre)(cfg, want, None, ""))(x)
+    assert np.abs(np.asarray(model_of(pre)(x)) - np.asarray(plain)).max() > 1e-3  # the scaling matters here
+
+    write_gguf(tmp_path / "odd.gguf", hf, cfg, str(ref["tokenizer"]), "F32",
+               extra={"rope_freqs.weight": np.linspace(1, 4, cfg.d_head // 2) ** 2})
+    with pytest.raises(ConfigError, match="rope_freqs.weight does not follow Llama 3's rotary scaling"):
+        load_gguf(str(tmp_path / "odd.gguf"))
 
 
 def test_unsupported_gguf_architecture_and_tensor_type(tmp_path, ref):

@@ -5,7 +5,9 @@ chat template and special tokens.
 
 llama.cpp's converter reorders the rows of each head of the q and k projections from the two-halves rotary layout
 (rotate x[:H/2] with x[H/2:], Hugging Face's and ours) to interleaved pairs (rotate x[2i] with x[2i+1]); `_unpermute`
-puts them back, which the parity tests against transformers' own GGUF loader check.
+puts them back, which the parity tests against transformers' own GGUF loader check. Llama 3.1 / 3.2 files carry
+their rotary scaling as per-frequency divisors (rope_freqs.weight); the importer turns them back into the
+`rope_scaling` they were computed from, so the model is an ordinary Llama 3 config (and exports as one).
 """
 from __future__ import annotations
 
@@ -78,9 +80,9 @@ def hf_config(f: _Fields, tensor_names: set[str]) -> dict:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{f.path}: unsupported GGUF architecture {arch!r} (supported: "
                           f"{', '.join(ARCHITECTURES)})")
-    if "rope_freqs.weight" in tensor_names or f.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
-        raise ConfigError(f"{f.path}: rotary frequency scaling stored in a GGUF file is not supported; import the "
-                          "model's Hugging Face directory instead")
+    if f.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
+        raise ConfigError(f"{f.path}: rotary scaling {f.get(f'{arch}.rope.scaling.type')!r} is not supported "
+                          "(supported: none, and Llama 3's as rope_freqs.weight)")
     if f.get(f"{arch}.rope.scaling.type") == "linear" and f.get(f"{arch}.rope.scaling.factor", 1.0) != 1.0:
         raise ConfigError(f"{f.path}: linear rotary scaling is not supported")
     n_heads = int(f.need(f"{arch}.attention.head_count"))
@@ -177,12 +179,52 @@ def read_tokenizer(f: _Fields) -> HFTokenizer:
                        chat_template=f.get("tokenizer.chat_template"), stop_ids=stop_ids)
 
 
+def llama3_rope_scaling(factors: np.ndarray, hf: dict, original_max_len: int, path: str) -> dict:
+    """Llama 3's rotary scaling (Hugging Face's rope_scaling) recovered from the per-frequency divisors llama.cpp
+    stores as rope_freqs.weight (Llama 3.1 / 3.2 files). Its converter computes them from rope_scaling: 1 for
+    wavelengths under original_max_len / high_freq_factor, `factor` above original_max_len / low_freq_factor, and
+    between them 1 / ((1 - s) / factor + s) with s = (original_max_len / wavelength - low) / (high - low). So
+    `factor` is the largest divisor and s, recovered from each divisor in between, is a line in 1 / wavelength
+    whose slope and intercept give low and high. The scaling found must give back every divisor."""
+    from transformer.model.layers import rope_frequencies
+
+    H = int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
+    factors = np.asarray(factors, np.float64).reshape(-1)
+    bad = ConfigError(f"{path}: rope_freqs.weight does not follow Llama 3's rotary scaling, the only per-frequency "
+                      "scaling supported")
+    if factors.shape != (H // 2,) or not np.all(np.isfinite(factors)) or np.any(factors < 1 - 1e-6):
+        raise bad
+    factor = float(factors.max())
+    if factor < 1 + 1e-6:
+        return {}
+    inv_freq = 1.0 / float(hf["rope_theta"]) ** (np.arange(0, H, 2) / H)
+    wavelen = 2 * np.pi / inv_freq
+    between = (factors > 1 + 1e-5) & (factors < factor * (1 - 1e-5))
+    if between.sum() < 2:
+        raise bad
+    s = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(original_max_len / wavelen[between], s, 1)
+    low = -intercept / slope
+    scaling = {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": round(low, 5),
+               "high_freq_factor": round(low + 1 / slope, 5), "original_max_position_embeddings": original_max_len}
+    cfg = llama.model_config(dict(hf, rope_scaling=scaling))
+    if not np.allclose(rope_frequencies(cfg) * factors, inv_freq, rtol=1e-4):
+        raise bad
+    return scaling
+
+
 def load_gguf(path: str) -> Pretrained:
     """A GGUF file as (config, params, tokenizer)."""
     path = os.fspath(path)
     meta, infos = read_gguf(path)
     f = _Fields(meta, path)
     hf = hf_config(f, {t.name for t in infos})
+    rope = [t for t in infos if t.name == "rope_freqs.weight"]
+    if rope:  # not a weight: it becomes the config's rotary scaling
+        infos = [t for t in infos if t is not rope[0]]
+        arch = f.need("general.architecture")
+        original = int(f.get(f"{arch}.rope.scaling.original_context_length", 8192))
+        hf["rope_scaling"] = llama3_rope_scaling(_read_tensor(rope[0], path, hf)[1], hf, original, path) or None
     llama.model_config(hf)
     tok = read_tokenizer(f)
     tensors = read_tensors(infos, path, hf)
