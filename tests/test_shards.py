@@ -125,12 +125,14 @@ def test_a_cache_is_reused_and_rebuilt_when_the_data_or_the_tokenizer_changes(tm
     assert len(TokenShards(other_data)) < len(TokenShards(cache))
 
 
-def test_a_corpus_with_no_text_is_a_config_error(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["char", "bpe", "sentencepiece"])
+def test_a_corpus_with_no_text_is_a_config_error(tmp_path, tokenizer):
     data = tmp_path / "empty.jsonl"
-    data.write_text(json.dumps({"text": ""}) + "\n")
-    cfg = DataConfig(path=str(data), prepared=True, cache_dir=str(tmp_path / "cache"), tokenizer="char")
-    with pytest.raises(ConfigError):
+    data.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
+    cfg = DataConfig(path=str(data), prepared=True, cache_dir=str(tmp_path / "cache"), tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match=r"has no text \(2 document\(s\), all empty\); point data.path"):
         prepared_shards(cfg, log=lambda s: None)
+    assert not os.path.exists(tmp_path / "cache" / "shards")  # nothing written
 
 
 def test_document_segments_restart_after_each_end_of_text_token():

@@ -107,6 +107,9 @@ def _sample_tokenizer(cfg: DataConfig, source: dict, root: str, log) -> Tokenize
         if budget <= 0:
             break
     sample = "\n\n".join(texts)[:int(cfg.tokenizer_sample_mb * 2**20)]
+    if not sample.strip():
+        raise ConfigError(f"the training data at data.path={cfg.path!r} has no text ({len(texts)} document(s), all "
+                          "empty); point data.path at the corpus (and data.text_column at its text column)")
     log(f"training the {cfg.tokenizer} tokenizer on {len(sample) / 2**20:.1f} MB of the training text")
     # characters get an end-of-text id of their own (the others have one: sentencepiece's eos, BPE's <|endoftext|>)
     tok = CharTokenizer(sample, end_of_text=True) if cfg.tokenizer == "char" else build_tokenizer(cfg, sample)
