@@ -217,7 +217,7 @@ def test_with_document_segments_one_document_never_sees_another(positions):
     assert not np.allclose(logits(row, False)[0, second], logits(changed, False)[0, second], atol=1e-4)
 
 
-def test_training_on_prepared_shards_resumes_as_if_uninterrupted(tmp_path):
+def test_training_on_prepared_shards_resumes_as_if_uninterrupted_also_on_8_devices(tmp_path):
     from transformer.cli import parse_args
     from transformer.train import METRICS_FILE, train
 
@@ -228,17 +228,17 @@ def test_training_on_prepared_shards_resumes_as_if_uninterrupted(tmp_path):
         return parse_args(["--data.path", str(data), "--data.prepared=true", "--data.cache_dir", str(tmp_path / "c"),
                            "--data.shard_tokens=2000", "--train.run_dir", str(tmp_path / run), "--train.steps",
                            str(steps), "--model.d_model=32", "--model.n_heads=2", "--model.n_layers=2",
-                           "--model.max_len=32", "--train.batch_size=4", "--train.log_interval=1",
+                           "--model.max_len=32", "--train.batch_size=8", "--train.log_interval=1",
                            "--train.eval_interval=100", "--train.eval_batches=2", "--train.progress=false",
-                           "--optim.warmup_steps=2", "--mesh.data=1", *extra])[0]
+                           "--optim.warmup_steps=2", *extra])[0]
 
     def losses(run):
         with open(tmp_path / run / METRICS_FILE) as f:
             return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
-    train(args("full", 6))
-    train(args("half", 3, "--optim.decay_steps=6"))
-    train(args("half", 6), resume=True)
+    train(args("full", 6, "--mesh.data=1"))
+    train(args("half", 3, "--optim.decay_steps=6", "--mesh.data=1"))
+    train(args("half", 6, "--mesh.data=8"), resume=True)  # the run moves from 1 device to 8
     assert len(os.listdir(tmp_path / "c" / "shards")) == 1  # both runs read one prepared cache
     np.testing.assert_allclose(losses("half")[-3:], losses("full")[-3:], rtol=1e-5)
 
@@ -252,3 +252,29 @@ def test_byte_level_bpe_encodes_in_batches_as_one_by_one_and_round_trips():
         np.testing.assert_array_equal(ids, tok.encode(text))
         assert tok.decode(ids) == text
     assert tok.eos_id is not None and tok.vocab_size <= 300
+
+
+def test_a_model_trained_on_documents_ends_them_and_sample_py_stops_there(tmp_path):
+    """Every prepared document ends in an end-of-text token, the tokenizer's EOS: a model trained on them learns to
+    end a document, and sample.py stops at that token by itself (not at --max-new-tokens)."""
+    import subprocess
+    import sys
+
+    from conftest import FAST_COMPILE
+
+    from transformer.cli import parse_args
+    from transformer.train import train
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in ["the cat sat on the mat."] * 60))
+    run = tmp_path / "run"
+    train(parse_args(["--data.path", str(data), "--data.prepared=true", "--data.cache_dir", str(tmp_path / "c"),
+                      "--train.run_dir", str(run), "--train.steps=150", "--model.d_model=32", "--model.n_heads=2",
+                      "--model.n_layers=2", "--model.max_len=32", "--train.batch_size=8", "--train.log_interval=50",
+                      "--train.eval_interval=1000", "--train.progress=false", "--optim.lr=3e-3",
+                      "--optim.warmup_steps=10", "--mesh.data=1"])[0])
+    out = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(run), "--prompt", "the cat", "--greedy",
+                          "--max-new-tokens", "60"], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "the cat sat on the mat."  # then the end-of-text token: 15 of 60 tokens
