@@ -83,6 +83,12 @@ def test_same_losses_on_every_mesh(corpus, tmp_path):
         np.testing.assert_allclose(got, ref, rtol=2e-5, err_msg=name)
 
 
+def test_a_scanned_rematerialised_stack_trains_alike_on_a_mesh(corpus, tmp_path):
+    cfg = cfg_for(corpus, tmp_path)
+    scanned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=True, remat="full"))
+    np.testing.assert_allclose(train_losses(scanned, (2, 2, 2))[0], train_losses(cfg, (1, 1, 1))[0], rtol=2e-5)
+
+
 def test_bf16_matmuls_stay_bf16_and_agree_across_a_data_mesh(corpus, tmp_path):
     """matmul_dtype=bfloat16 on a data-parallel mesh: each device transposes its own block for the backward, so every
     weight matmul keeps bf16 operands (a transpose folded into the dot falls back to float32 on XLA:CPU), and the

@@ -76,6 +76,14 @@ class ModelConfig:
     # LoRA: low-rank adapters (x A B * alpha / rank, B starting at zero) beside the named weight matrices of every
     # attention and MLP block; 0: none. Targets: q, k, v, o (attention, self and cross), gate, up, down (the MLP; gate
     # only with swiglu).
+    # How the stack of blocks runs in training and full forwards (decoding with a KV cache always loops over the
+    # layers). scan_layers: one compiled block body scanned over the layers (their weights stacked inside the step;
+    # checkpoints keep one entry per layer either way), so compile time stops growing with depth. remat: what the
+    # backward pass recomputes instead of keeping: "none" keeps every activation; "full" keeps only each block's
+    # input; "dots" keeps the matmul outputs; "dots_no_batch" keeps the weight matmuls' outputs and recomputes
+    # attention's scores and probabilities (the T x T part of the memory).
+    scan_layers: bool = False
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "all"  # or a comma-separated list; "all": every matrix the model has

@@ -5,6 +5,7 @@ norm(x + f(x))).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
@@ -70,10 +71,20 @@ class Block(nnx.Module):
         return x_BTD
 
 
-def apply_blocks(blocks, x_BTD, keys, *, internals: bool = False, **kwargs):
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply_blocks(blocks, x_BTD, keys, *, cfg: ModelConfig, internals: bool = False, **kwargs):
     """The stack of blocks without a cache: returns (x_BTD, seen). With `internals`, seen records what the layers
     computed: "residual" (the stream entering each block and leaving the last), "attention" (each block's
-    self-attention probabilities) and, for cross-attention blocks, "cross_attention"; otherwise it is None."""
+    self-attention probabilities) and, for cross-attention blocks, "cross_attention"; otherwise it is None.
+    `cfg.scan_layers` and `cfg.remat` decide how the layers run (not what they compute)."""
+    if not internals and (cfg.scan_layers or cfg.remat != "none"):
+        return _scanned_or_remat(blocks, x_BTD, keys, cfg, kwargs), None
     if not internals:
         for block, key in zip(blocks, keys):
             x_BTD = block(x_BTD, dropout_key=key, **kwargs)
@@ -89,3 +100,30 @@ def apply_blocks(blocks, x_BTD, keys, *, internals: bool = False, **kwargs):
     if not seen["cross_attention"]:
         del seen["cross_attention"]
     return x_BTD, seen
+
+
+def _scanned_or_remat(blocks, x_BTD, keys, cfg: ModelConfig, kwargs: dict):
+    """The blocks as one pure function of (a layer's weights, x, key), rematerialised by `cfg.remat`'s policy, and
+    either scanned over the layers' weights stacked on a leading axis (one block body for XLA to compile, however
+    deep the model) or called layer by layer."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(block)[1] for block in blocks]
+
+    def layer(state, x_BTD, key):
+        return nnx.merge(graphdef, state)(x_BTD, dropout_key=key, **kwargs)
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    keys = list(keys[:len(blocks)])
+    if not cfg.scan_layers:
+        for state, key in zip(states, keys):
+            x_BTD = layer(state, x_BTD, key)
+        return x_BTD
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    keys_L = None if keys[0] is None else jnp.stack(keys)
+
+    def body(x_BTD, layer_in):
+        state, key = layer_in
+        return layer(state, x_BTD, key), None
+
+    return jax.lax.scan(body, x_BTD, (stacked, keys_L))[0]

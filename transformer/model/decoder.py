@@ -60,7 +60,7 @@ class DecoderLM(nnx.Module):
                                            cache_index=cache_index)
                 new_cache.append(layer_cache)
             return self.unembed(x_BTD), new_cache
-        x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, internals=internals, mask_B1TS=mask_B1TS,
+        x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, cfg=self.cfg, internals=internals, mask_B1TS=mask_B1TS,
                                    positions_BT=positions_BT)
         if logits_at_BN is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[:, :, None], axis=1)  # B N D

@@ -56,7 +56,7 @@ class Encoder(nnx.Module):
         if self.embed_norm is not None:
             x_BTD = self.embed_norm(x_BTD)
         x_BTD = dropout(x_BTD, cfg.dropout, keys[-1])
-        x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, internals=internals, mask_B1TS=mask_B1TS,
+        x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, cfg=self.cfg, internals=internals, mask_B1TS=mask_B1TS,
                                    positions_BT=positions_BT)
         hidden_BTD = self.final_norm(x_BTD) if self.final_norm is not None else x_BTD
         return (hidden_BTD, seen) if internals else hidden_BTD

@@ -55,7 +55,7 @@ class EncoderDecoder(nnx.Module):
         positions_BS = _positions(B, S)
         x_BSD = self._embed(src_BS, positions_BS, keys[-1])
         mask_B1SS = padding_mask(src_valid_BS)
-        x_BSD, seen = apply_blocks(self.enc_blocks, x_BSD, keys, internals=internals, mask_B1TS=mask_B1SS,
+        x_BSD, seen = apply_blocks(self.enc_blocks, x_BSD, keys, cfg=self.cfg, internals=internals, mask_B1TS=mask_B1SS,
                                    positions_BT=positions_BS)
         memory_BSD = self.enc_norm(x_BSD) if self.enc_norm is not None else x_BSD
         return (memory_BSD, seen) if internals else memory_BSD
@@ -92,7 +92,7 @@ class EncoderDecoder(nnx.Module):
                 x_BTD = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, context_kv=kv,
                               context_mask_B1TS=cross_mask_B1TS, dropout_key=key)
             return self.unembed(x_BTD)
-        x_BTD, seen = apply_blocks(self.dec_blocks, x_BTD, keys, internals=internals, mask_B1TS=mask_B1TS,
+        x_BTD, seen = apply_blocks(self.dec_blocks, x_BTD, keys, cfg=self.cfg, internals=internals, mask_B1TS=mask_B1TS,
                                    positions_BT=positions_BT, context_BSD=memory_BSD,
                                    context_mask_B1TS=cross_mask_B1TS)
         logits_BTV = self.unembed(x_BTD)
