@@ -74,6 +74,16 @@ def test_gpt2_small_preset_has_124m_parameters_without_allocating():
     assert 123e6 < n < 125e6  # GPT-2 small: 124M with a 50257 vocabulary
 
 
+@pytest.mark.parametrize("preset, vocab, want", [
+    ("llama3_2_1b", 128_256, 1_235_814_400),  # Llama-3.2-1B as Hugging Face counts it (tied embeddings)
+    ("gpt2_medium", 50_257, 354_823_168),  # GPT-2 medium (gpt2-medium on the hub)
+])
+def test_large_presets_have_their_models_parameter_counts_without_allocating(preset, vocab, want):
+    cfg = apply_overrides(Config(), load_preset(preset))
+    m = dataclasses.replace(cfg.model, vocab_size=vocab)
+    assert count_params(nnx.eval_shape(lambda: DecoderLM(m, rngs=nnx.Rngs(0)))) == analytic_param_count(m) == want
+
+
 def test_tiny_model_overfits_one_batch():
     model = build()
     graphdef, params = nnx.split(model, nnx.Param)
