@@ -32,13 +32,6 @@ MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2 x fsdp=4": (2, 4, 1)
           "tensor=8": (1, 1, 8)}
 
 
-def state_bytes_per_device(abstract, shardings) -> int:
-    total = 0
-    for leaf, shard in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
-        total += int(np.prod(shard.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-    return total
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="gpt2_small")
@@ -56,7 +49,7 @@ def main():
     for name, sizes in MESHES.items():
         mesh = sharding.make_mesh(MeshConfig(*sizes), devices)
         _, _, abstract, shardings, _ = build_state(cfg, mesh)
-        per_dev = state_bytes_per_device(abstract, shardings)
+        per_dev = sharding.bytes_per_device(abstract, shardings)
         base = base or per_dev
         print(f"  {name:18s} {per_dev / 2**20:9.1f} MiB   {per_dev / base:.3f} of data=8")
 

@@ -62,3 +62,77 @@ def test_sliding_window_mask_sees_only_the_last_w_positions():
     m = np.asarray(causal_mask(pos, pos, window=3))[0, 0]
     assert m.sum(1).tolist() == [1, 2, 3, 3, 3, 3]
     assert m[5].tolist() == [False, False, False, True, True, True]
+
+
+# --- the other formulations (model.attention): chunked and cuDNN-shaped, against the einsum formula --------------
+
+def _qkv(B=2, T=37, S=37, N=6, K=2, H=8, seed=0):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.standard_normal((B, T, N, H)), jnp.float32)
+    k = jnp.asarray(r.standard_normal((B, K, H, S)), jnp.float32)
+    v = jnp.asarray(r.standard_normal((B, K, S, H)), jnp.float32)
+    return q, k, v
+
+
+def _masks(B=2, T=37):
+    from transformer.model.attention import segment_mask
+
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    valid = jnp.arange(T)[None] < jnp.array([[T], [T - 9]])  # the second row ends in padding
+    segments = jnp.where(jnp.arange(T)[None] < jnp.array([[15], [20]]), 1, 2) * valid  # two documents a row
+    seg_pos = jnp.where(segments == 2, pos - jnp.array([[15], [20]]), pos)
+    return {"causal": causal_mask(pos, pos), "padding": padding_mask(valid),
+            "causal+padding": causal_mask(pos, pos) & padding_mask(valid),
+            "segments": segment_mask(segments, seg_pos), "window": causal_mask(pos, pos, 5), "none": None}
+
+
+def _rows_that_see_a_key(mask, BT):
+    """Queries with at least one visible key (a row of padding sees none: its output is meaningless either way)."""
+    if mask is None:
+        return np.ones(BT, bool)
+    return np.asarray(jnp.broadcast_to(mask, (*BT[:1], 1, BT[1], mask.shape[-1])).any(-1))[:, 0]
+
+
+def test_chunked_attention_equals_the_einsum_formula_with_every_mask_and_its_gradients():
+    from transformer.model.attention_forms import attend_chunked
+
+    q, k, v = _qkv()  # 6 query heads over 2 key/value heads; T = 37 is not a multiple of the chunk
+    for name, mask in _masks().items():
+        for chunk in (8, 64):
+            got = attend_chunked(q, k, v, mask, chunk)
+            want = attend(q, k, v, mask)
+            valid = _rows_that_see_a_key(mask, got.shape[:2])
+            np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-5, err_msg=name)
+    mask = _masks()["causal+padding"]
+    w = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.float32)
+    grads = [jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+             for f in (lambda q, k, v: attend_chunked(q, k, v, mask, 8), lambda q, k, v: attend(q, k, v, mask))]
+    for g, want in zip(*grads):
+        np.testing.assert_allclose(g, want, atol=5e-5)
+
+
+def test_cudnn_shaped_attention_equals_the_einsum_formula():
+    """The call model.attention=cudnn makes (jax.nn.dot_product_attention on our layouts), with JAX's own formula on
+    this backend; the cuDNN kernel itself only runs on an NVIDIA GPU (checked there)."""
+    from transformer.model.attention_forms import attend_fused
+
+    q, k, v = _qkv()
+    for name, mask in _masks().items():
+        got = attend_fused(q, k, v, mask, implementation=None if jax.default_backend() != "gpu" else "cudnn")
+        want = attend(q, k, v, mask)
+        valid = _rows_that_see_a_key(mask, got.shape[:2])
+        tol = 2e-5 if jax.default_backend() != "gpu" else 2e-2
+        np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=tol, err_msg=name)
+
+
+def test_cudnn_attention_on_a_cpu_is_a_config_error():
+    import pytest
+
+    from transformer.config import ConfigError
+    from transformer.platform import check_attention
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="model.attention=cudnn needs an NVIDIA GPU"):
+        check_attention("cudnn", jax.devices()[0])
+    check_attention("chunked", jax.devices()[0])

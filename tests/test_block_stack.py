@@ -60,3 +60,13 @@ def test_scanned_and_rematerialised_stacks_compute_the_same_loss_and_gradients(f
         np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, err_msg=str(how))
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=str(how))
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_chunked_attention_in_the_model_gives_the_same_loss_and_gradients(family):
+    cfg = FAMILIES[family]
+    want_loss, want = loss_and_grads(cfg, False)
+    got_loss, got = loss_and_grads(dataclasses.replace(cfg, attention="chunked", attention_chunk=4), False)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

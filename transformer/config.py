@@ -84,6 +84,12 @@ class ModelConfig:
     # attention's scores and probabilities (the T x T part of the memory).
     scan_layers: bool = False
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # Full (uncached) attention: "xla" the einsum formula (keeps the T x S scores); "chunked" memory-efficient
+    # attention in tiles of attention_chunk queries x keys (nothing T x S kept but the boolean mask; any backend);
+    # "cudnn" cuDNN's fused flash attention (NVIDIA GPUs, bf16 activations, no dropout on attention probabilities).
+    # Decoding with a KV cache uses the einsum formula.
+    attention: Literal["xla", "chunked", "cudnn"] = "xla"
+    attention_chunk: int = 512
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "all"  # or a comma-separated list; "all": every matrix the model has
@@ -252,6 +258,11 @@ class Config:
         if m.n_kv_heads < 0 or m.head_dim < 0 or m.sliding_window < 0:
             raise ConfigError("model.n_kv_heads, model.head_dim and model.sliding_window must be >= 0 (0: off / "
                               "automatic)")
+        if m.attention_chunk < 1:
+            raise ConfigError(f"model.attention_chunk={m.attention_chunk} must be >= 1")
+        if m.attention == "cudnn" and m.dropout > 0:
+            raise ConfigError(f"model.attention=cudnn has no dropout on attention probabilities (model.dropout="
+                              f"{m.dropout}); set model.dropout=0 or use model.attention=xla or chunked")
         if m.n_heads % m.kv_heads:
             raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}: "
                               "each key/value head serves an equal group of query heads")

@@ -63,8 +63,19 @@ def resolve(cfg: Config) -> Config:
     if mesh.cpu_devices < 0:
         mesh = dataclasses.replace(mesh, cpu_devices=auto_cpu_devices())
     distributed.use_cpu_devices(mesh.cpu_devices)
-    if model.matmul_dtype == "auto":
-        import jax
+    import jax
 
+    if model.matmul_dtype == "auto":
         model = dataclasses.replace(model, matmul_dtype=auto_matmul_dtype(jax.default_backend()))
+    check_attention(model.attention, jax.devices()[0])
     return dataclasses.replace(cfg, mesh=mesh, model=model)
+
+
+def check_attention(attention: str, device) -> None:
+    """model.attention=cudnn only where cuDNN runs: an NVIDIA GPU."""
+    from transformer.config import ConfigError
+
+    if attention == "cudnn" and (device.platform != "gpu" or "nvidia" not in device.client.platform_version.lower()
+                                 and "cuda" not in device.client.platform_version.lower()):
+        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this run's devices are {device.platform} "
+                          f"({device.device_kind}): use model.attention=xla or chunked")

@@ -150,6 +150,12 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree.map(f, tree, is_leaf=_is_variable)
 
 
+def bytes_per_device(tree, shardings) -> int:
+    """The bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`."""
+    return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
 def mesh_of(tree) -> Mesh | None:
     """The mesh that a pytree of arrays (e.g. restored params) is laid out on, or None if not on a NamedSharding."""
     for leaf in jax.tree.leaves(tree):

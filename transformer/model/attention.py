@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
+from transformer.model.attention_forms import attend_chunked, attend_fused
 from transformer.model.layers import (
     DTYPES,
     bias_param,
@@ -122,6 +123,7 @@ class Attention(nnx.Module):
         self.rotary = cfg.positions == "rotary" and not cross
         self.inv_freq_h = tuple(rope_frequencies(cfg).tolist()) if self.rotary else None
         self.dropout_rate = cfg.dropout
+        self.form, self.chunk = cfg.attention, cfg.attention_chunk
         self.dtype = DTYPES[cfg.dtype]
         self.mm = cfg.matmul_dtype
         qkv_bias = cfg.use_bias or cfg.qkv_bias
@@ -234,6 +236,11 @@ class Attention(nnx.Module):
         return self._project_out(out_BTNH, lora), cache
 
     def _attend_full(self, q_BTNH, k_BKHS, v_BKSH, mask_B1TS, dropout_key, weights: bool, lora):
+        if self.form == "chunked" and not weights:
+            return self._project_out(attend_chunked(q_BTNH, k_BKHS, v_BKSH, mask_B1TS, self.chunk,
+                                                    dropout_rate=self.dropout_rate, dropout_key=dropout_key), lora)
+        if self.form == "cudnn" and not weights:
+            return self._project_out(attend_fused(q_BTNH, k_BKHS, v_BKSH, mask_B1TS), lora)
         blocks = [(k_BKHS, v_BKSH, mask_B1TS)]
         probs_BKGTS = attention_probs(q_BTNH, blocks)
         out_BTNH = mix_values(probs_BKGTS, blocks, dropout_rate=self.dropout_rate, dropout_key=dropout_key)
