@@ -1,6 +1,7 @@
 """How the stack of blocks runs (model.scan_layers, model.remat) never changes what it computes: the same loss and
-gradients, with and without dropout, for all three families. A wrong layer order in the scan, a key given to the
-wrong layer or a policy that drops a needed value shows up here."""
+gradients, with and without dropout, for all three families, the scanned model's gradients compared layer by layer
+in the unrolled layout. A wrong layer order in the scan, a key given to the wrong layer or a policy that drops a
+needed value shows up here."""
 import dataclasses
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model import build_model
+from transformer.model.stack import unstack_layers
 
 BASE = dict(vocab_size=37, d_model=24, n_heads=2, n_layers=3, max_len=16, matmul_dtype="float32")
 FAMILIES = {
@@ -40,7 +42,7 @@ def loss_and_grads(cfg: ModelConfig, dropout: bool):
         return jnp.sum(out * w)
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    return float(value), jax.tree.leaves(grads)
+    return float(value), jax.tree.leaves(unstack_layers(nnx.to_pure_dict(grads)))  # in the unrolled layout
 
 
 VARIANTS = {  # every policy on the decoder; the scan, with a policy, on the other two (compiles are the test's time)
@@ -70,3 +72,38 @@ def test_chunked_attention_in_the_model_gives_the_same_loss_and_gradients(family
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_move_between_the_scanned_and_unrolled_layouts(tmp_path):
+    """A run saved with its layers stacked loads unrolled (for inference) with the same logits, starts a new run in
+    either layout (train.init_from), and refuses to resume in the other layout (one line)."""
+    from transformer.cli import parse_args
+    from transformer.config import ConfigError
+    from transformer.infer.loading import load_run
+    from transformer.train import train
+
+    data = tmp_path / "text.txt"
+    data.write_text("the cat sat on the mat. " * 200)
+
+    def run(name, *extra):
+        train(parse_args(["--data.path", str(data), "--train.run_dir", str(tmp_path / name), "--train.steps=2",
+                          "--model.d_model=24", "--model.n_heads=2", "--model.n_layers=3", "--model.max_len=16",
+                          "--train.batch_size=4", "--train.eval_interval=100", "--train.progress=false",
+                          "--train.sample_tokens=0", "--mesh.data=1", *extra])[0])
+
+    def logits(name):
+        loaded = load_run(str(tmp_path / name))
+        x = jnp.asarray(loaded.tokenizer.encode("the cat sat on")[None])
+        return loaded.cfg.model.scan_layers, np.asarray(nnx.merge(loaded.graphdef, loaded.params)(x))
+
+    run("unrolled")
+    frozen = ["--optim.lr=1e-12", "--optim.min_lr=0", "--optim.weight_decay=0"]  # the weights stay as they came
+    run("scanned", "--train.init_from", str(tmp_path / "unrolled"), "--model.scan_layers=true", *frozen)
+    run("back", "--train.init_from", str(tmp_path / "scanned"), *frozen)
+    want = logits("unrolled")[1]
+    for name in ("scanned", "back"):
+        scanned, got = logits(name)
+        assert not scanned  # loaded for inference in the unrolled layout
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=name)
+    with pytest.raises(ConfigError, match="model.scan_layers=False, now True.*--train.init_from="):
+        run("unrolled", "--train.steps=4", "--model.scan_layers=true")

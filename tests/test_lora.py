@@ -112,14 +112,14 @@ def test_bad_lora_settings_are_config_errors(change, message):
         Config(model=dataclasses.replace(cfg, **change)).validate()
 
 
-@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
-def test_a_step_trains_the_adapters_only_and_the_optimizer_holds_only_them(matmul_dtype):
+@pytest.mark.parametrize("matmul_dtype, scan", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_a_step_trains_the_adapters_only_and_the_optimizer_holds_only_them(matmul_dtype, scan):
     from transformer import sharding
     from transformer.config import MeshConfig, OptimConfig
     from transformer.train import build_state
     from transformer.train.step import make_steps
 
-    model_cfg = dataclasses.replace(with_lora(GQA), matmul_dtype=matmul_dtype)
+    model_cfg = dataclasses.replace(with_lora(GQA), matmul_dtype=matmul_dtype, scan_layers=scan)
     cfg = Config(model=model_cfg, optim=OptimConfig(warmup_steps=1, lr=1e-2), preset="tiny").validate()
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
     graphdef, tx, _, shardings, create = build_state(cfg, mesh)
@@ -139,7 +139,8 @@ def test_a_step_trains_the_adapters_only_and_the_optimizer_holds_only_them(matmu
     # with bf16 matmul inputs the frozen base's matrices are stored in bf16 (never converted again); adapters, norm
     # scales and biases stay float32
     for path, leaf in jax.tree_util.tree_flatten_with_path(after)[0]:
-        frozen_matrix = "'lora'" not in jax.tree_util.keystr(path) and leaf.ndim >= 2
+        name = jax.tree_util.keystr(path)
+        frozen_matrix = "'lora'" not in name and leaf.ndim - ("'layers'" in name) >= 2  # stacked: one axis more
         assert leaf.dtype == (jnp.bfloat16 if frozen_matrix and matmul_dtype == "bfloat16" else jnp.float32), path
     adapters = sum(x.size for x in jax.tree.leaves(nnx.state(build_model(with_lora(GQA), nnx.Rngs(0)), LoRAParam)))
     moments = [x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0]

@@ -76,12 +76,12 @@ class ModelConfig:
     # LoRA: low-rank adapters (x A B * alpha / rank, B starting at zero) beside the named weight matrices of every
     # attention and MLP block; 0: none. Targets: q, k, v, o (attention, self and cross), gate, up, down (the MLP; gate
     # only with swiglu).
-    # How the stack of blocks runs in training and full forwards (decoding with a KV cache always loops over the
-    # layers). scan_layers: one compiled block body scanned over the layers (their weights stacked inside the step;
-    # checkpoints keep one entry per layer either way), so compile time stops growing with depth. remat: what the
-    # backward pass recomputes instead of keeping: "none" keeps every activation; "full" keeps only each block's
-    # input; "dots" keeps the matmul outputs; "dots_no_batch" keeps the weight matmuls' outputs and recomputes
-    # attention's scores and probabilities (the T x T part of the memory).
+    # How the stack of blocks runs. scan_layers: the layers' weights stored stacked on a leading axis (checkpoints
+    # too) and applied by a scan, so XLA compiles one block body and the optimizer one array per kind of weight:
+    # compile time stops growing with depth (a run loads unrolled for inference; train.init_from starts a run in
+    # either layout from the other). remat: what the backward pass recomputes instead of keeping: "none" keeps every
+    # activation; "full" keeps only each block's input; "dots" keeps the matmul outputs; "dots_no_batch" keeps the
+    # weight matmuls' outputs and recomputes attention's scores and probabilities (the T x T part of the memory).
     scan_layers: bool = False
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     # Full (uncached) attention: "xla" the einsum formula (keeps the T x S scores); "chunked" memory-efficient
@@ -121,6 +121,8 @@ class ModelConfig:
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# How a run's layers execute, not what they compute: a run started from another (train.init_from) chooses its own.
+RUN_CHOICES = ("scan_layers", "remat", "attention", "attention_chunk")
 
 
 @dataclass(frozen=True)

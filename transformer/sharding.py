@@ -29,6 +29,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "head_dim": None,
+    "layers": None,  # the leading axis of stacked layers (model.scan_layers): every device holds all layers' shards
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",

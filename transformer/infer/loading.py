@@ -15,6 +15,7 @@ from transformer.convert import is_pretrained, load_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
 from transformer.model import abstract_model
 from transformer.model.lora import adapter_state
+from transformer.model.stack import stack_layers, unstack_layers
 
 
 @dataclasses.dataclass
@@ -76,18 +77,24 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
     finally:
         ckpt.close()
     if cfg.lora_base:
-        params = _over_base(params, cfg.lora_base, abstract_params, mesh, run_dir)
+        params = _over_base(params, cfg.lora_base, abstract_params, mesh, run_dir, cfg.model.scan_layers)
+    if cfg.model.scan_layers:  # inference walks the layers one by one (the KV cache is per layer): unrolled
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+        graphdef, unrolled = nnx.split(abstract_model(cfg.model), nnx.Param)
+        params = laid_over(unrolled, unstack_layers(nnx.to_pure_dict(params)))
     return LoadedRun(cfg, tok, graphdef, params, step, meta.get("labels"))
 
 
-def _over_base(adapters: nnx.State, base: str, abstract_params: nnx.State, mesh, run_dir: str) -> nnx.State:
+def _over_base(adapters: nnx.State, base: str, abstract_params: nnx.State, mesh, run_dir: str,
+               stacked: bool) -> nnx.State:
     """A LoRA run's params: its adapters laid over the weights of the base model it was fine-tuned from."""
     try:
-        base_params = load_run(base, mesh=mesh).params
+        base_params = nnx.to_pure_dict(load_run(base, mesh=mesh).params)
     except ConfigError as e:
         raise ConfigError(f"{run_dir} holds LoRA adapters over the base model {base}, which did not load ({e}); put "
                           "the base model back at that path") from None
-    return laid_over(abstract_params, nnx.to_pure_dict(base_params), nnx.to_pure_dict(adapters))
+    return laid_over(abstract_params, stack_layers(base_params) if stacked else base_params,
+                     nnx.to_pure_dict(adapters))
 
 
 def _load_pretrained(path: str, step: int | None, mesh) -> LoadedRun:

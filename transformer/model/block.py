@@ -12,6 +12,7 @@ from transformer.config import ModelConfig
 from transformer.model.attention import Attention
 from transformer.model.layers import Norm, dropout
 from transformer.model.mlp import MLP
+from transformer.model.stack import Stack
 from transformer.sharding import ACT_BTD, constrain
 
 
@@ -78,12 +79,18 @@ REMAT_POLICIES = {
 }
 
 
+def make_blocks(cfg: ModelConfig, n: int, *, cross: bool = False, rngs: nnx.Rngs):
+    """n Blocks: a list, or with `cfg.scan_layers` a Stack (one Block of stacked weights; the same values)."""
+    blocks = [Block(cfg, cross=cross, rngs=rngs) for _ in range(n)]
+    return Stack(blocks) if cfg.scan_layers else nnx.List(blocks)
+
+
 def apply_blocks(blocks, x_BTD, keys, *, cfg: ModelConfig, internals: bool = False, **kwargs):
     """The stack of blocks without a cache: returns (x_BTD, seen). With `internals`, seen records what the layers
     computed: "residual" (the stream entering each block and leaving the last), "attention" (each block's
     self-attention probabilities) and, for cross-attention blocks, "cross_attention"; otherwise it is None.
-    `cfg.scan_layers` and `cfg.remat` decide how the layers run (not what they compute)."""
-    if not internals and (cfg.scan_layers or cfg.remat != "none"):
+    A Stack is scanned, and `cfg.remat` decides what the backward pass recomputes (neither changes the result)."""
+    if not internals and (isinstance(blocks, Stack) or cfg.remat != "none"):
         return _scanned_or_remat(blocks, x_BTD, keys, cfg, kwargs), None
     if not internals:
         for block, key in zip(blocks, keys):
@@ -103,27 +110,26 @@ def apply_blocks(blocks, x_BTD, keys, *, cfg: ModelConfig, internals: bool = Fal
 
 
 def _scanned_or_remat(blocks, x_BTD, keys, cfg: ModelConfig, kwargs: dict):
-    """The blocks as one pure function of (a layer's weights, x, key), rematerialised by `cfg.remat`'s policy, and
-    either scanned over the layers' weights stacked on a leading axis (one block body for XLA to compile, however
-    deep the model) or called layer by layer."""
-    graphdef, _ = nnx.split(blocks[0])
-    states = [nnx.split(block)[1] for block in blocks]
+    """The blocks as one pure function of (a layer's weights, x, key), rematerialised by `cfg.remat`'s policy:
+    scanned over a Stack's stacked weights (one block body for XLA to compile however deep the model), or called
+    layer by layer."""
+    stacked = isinstance(blocks, Stack)
+    graphdef, state = blocks.split() if stacked else nnx.split(blocks[0])
 
     def layer(state, x_BTD, key):
         return nnx.merge(graphdef, state)(x_BTD, dropout_key=key, **kwargs)
 
     if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not stacked)
     keys = list(keys[:len(blocks)])
-    if not cfg.scan_layers:
-        for state, key in zip(states, keys):
-            x_BTD = layer(state, x_BTD, key)
+    if not stacked:
+        for block, key in zip(blocks, keys):
+            x_BTD = layer(nnx.split(block)[1], x_BTD, key)
         return x_BTD
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     keys_L = None if keys[0] is None else jnp.stack(keys)
 
     def body(x_BTD, layer_in):
         state, key = layer_in
         return layer(state, x_BTD, key), None
 
-    return jax.lax.scan(body, x_BTD, (stacked, keys_L))[0]
+    return jax.lax.scan(body, x_BTD, (state, keys_L))[0]

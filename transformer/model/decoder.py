@@ -7,7 +7,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.attention import causal_mask, init_kv_cache, segment_mask
-from transformer.model.block import Block, apply_blocks, split_key
+from transformer.model.block import apply_blocks, make_blocks, split_key
 from transformer.model.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 
 
@@ -19,7 +19,7 @@ class DecoderLM(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
         self.positions = AbsolutePositions(cfg, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = make_blocks(cfg, cfg.n_layers, rngs=rngs)
         # Post-norm blocks already end in a norm; pre-norm stacks need one before the unembedding.
         self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
         self.unembed_DV = None if cfg.tie_embeddings else param(

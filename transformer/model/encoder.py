@@ -7,7 +7,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.attention import padding_mask
-from transformer.model.block import Block, apply_blocks, split_key
+from transformer.model.block import apply_blocks, make_blocks, split_key
 from transformer.model.layers import (
     ACTIVATIONS,
     DTYPES,
@@ -35,7 +35,7 @@ class Encoder(nnx.Module):
         self.segment_SD = param(rngs, normal(0.02), (cfg.type_vocab_size, cfg.d_model), (None, "embed")) \
             if cfg.type_vocab_size else None
         self.embed_norm = Norm(cfg, rngs=rngs) if cfg.embed_norm else None
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = make_blocks(cfg, cfg.n_layers, rngs=rngs)
         self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
 
     def __call__(self, tokens_BT, *, valid_BT=None, segments_BT=None, dropout_key=None, internals: bool = False):

@@ -13,7 +13,7 @@ from flax import nnx
 
 from transformer.config import ModelConfig
 from transformer.model.attention import causal_mask, init_kv_cache, padding_mask
-from transformer.model.block import Block, apply_blocks, split_key
+from transformer.model.block import apply_blocks, make_blocks, split_key
 from transformer.model.layers import DTYPES, AbsolutePositions, Embed, Norm, dropout, kernel_init, output_logits, param
 
 
@@ -32,8 +32,8 @@ class EncoderDecoder(nnx.Module):
         self.positions = AbsolutePositions(cfg, rngs=rngs)
         self.scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         n_dec = cfg.n_decoder_layers or cfg.n_layers
-        self.enc_blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.dec_blocks = nnx.List([Block(cfg, cross=True, rngs=rngs) for _ in range(n_dec)])
+        self.enc_blocks = make_blocks(cfg, cfg.n_layers, rngs=rngs)
+        self.dec_blocks = make_blocks(cfg, n_dec, cross=True, rngs=rngs)
         pre = cfg.norm_position == "pre"  # post-norm blocks already end in a norm
         self.enc_norm = Norm(cfg, rngs=rngs) if pre else None
         self.dec_norm = Norm(cfg, rngs=rngs) if pre else None

@@ -17,10 +17,11 @@ from transformer.checkpoint import (
     read_run_config,
     write_run_config,
 )
-from transformer.config import Config, ConfigError, check_lora, first_line
+from transformer.config import RUN_CHOICES, Config, ConfigError, check_lora, first_line
 from transformer.infer.loading import LoadedRun, load_run
 from transformer.model import abstract_model, build_model
 from transformer.model.lora import adapter_state
+from transformer.model.stack import stack_layers
 from transformer.tasks import Task, TaskData, task_of
 from transformer.train.optim import make_optimizer
 from transformer.train.step import init_state
@@ -40,14 +41,17 @@ def check_run_dir(cfg: Config, run_dir: str) -> None:
         ours = dataclasses.asdict(getattr(cfg, section))
         theirs = dict(saved.get(section, {}))
         if section == "model":
-            # from the tokenizer and the labels; and how this machine multiplies, which changes no parameter
-            for derived in ("vocab_size", "n_classes", "matmul_dtype"):
+            # from the tokenizer and the labels; and how this machine multiplies or the layers run, which changes
+            # no parameter
+            for derived in ("vocab_size", "n_classes", "matmul_dtype", "remat", "attention", "attention_chunk"):
                 ours.pop(derived), theirs.pop(derived, None)
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if diff:
             k = diff[0]
+            hint = (f"; a new run in the other layout starts from it with --train.init_from={run_dir}"
+                    if k == "scan_layers" else "")
             raise ConfigError(f"run dir {run_dir} holds a different {section} ({section}.{k}={theirs.get(k)!r}, "
-                              f"now {ours.get(k)!r}); use another --train.run_dir or delete that directory")
+                              f"now {ours.get(k)!r}); use another --train.run_dir or delete that directory{hint}")
 
 
 def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData, object, LoadedRun | None]:
@@ -59,11 +63,11 @@ def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData
                                                                  init_from=os.path.abspath(cfg.train.init_from)))
     if cfg.train.init_from:  # start from another run's model (e.g. an MLM run): its config, tokenizer, weights
         source = load_run(cfg.train.init_from, mesh=mesh)
-        lora = {k: getattr(cfg.model, k) for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
-        # its architecture; this run's dropout, LoRA and matmul inputs (how this machine multiplies, resolved above)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, dropout=cfg.model.dropout,
-                                                                 n_classes=0, matmul_dtype=cfg.model.matmul_dtype,
-                                                                 **lora))
+        # its architecture; this run's dropout, LoRA, matmul inputs (how this machine multiplies, resolved above) and
+        # how the layers run (scanned or not, what is rematerialised, which attention formulation)
+        ours = {k: getattr(cfg.model, k) for k in ("dropout", "matmul_dtype", *RUN_CHOICES, "lora_rank",
+                                                   "lora_alpha", "lora_targets", "lora_dropout")}
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, n_classes=0, **ours))
         if cfg.model.lora_rank:
             check_lora(cfg.model)
     task = task_of(cfg)
@@ -118,7 +122,9 @@ def init_or_restore(cfg: Config, ckpt, latest: int | None, run_dir: str, abstrac
     """The train state: the run's latest checkpoint (and the pipeline moved to where it was), or a fresh one, with
     the `init_from` source's weights wherever this model has the same modules (new heads stay fresh). A LoRA
     checkpoint's adapters are laid over the base weights read from `init_from` again."""
-    base = None if source is None else nnx.to_pure_dict(source.params)
+    base = None if source is None else nnx.to_pure_dict(source.params)  # unrolled, as every loaded run
+    if base is not None and cfg.model.scan_layers:
+        base = stack_layers(base)
     if latest is not None:
         try:
             state, meta = ckpt.restore(latest, checkpoint_state(abstract_like(abstract, shardings), cfg))

@@ -33,7 +33,10 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, e
     graphdef, params = nnx.split(model, nnx.Param)
     if lora and frozen_dtype is not None:
         adapters, frozen = trained(params, lora)
-        frozen = jax.tree.map(lambda w: w.astype(frozen_dtype) if w.ndim >= 2 else w, frozen)
+        # matrices and tables, by what each weight says it is (a stacked layers' norm scale is 2-D too)
+        frozen = jax.tree.map(lambda v: v.replace(v.get_value().astype(frozen_dtype))
+                              if v.get_metadata().get("decay", True) else v,
+                              frozen, is_leaf=lambda x: isinstance(x, nnx.Variable))
         params = nnx.merge_state(adapters, frozen)
     state = {"params": params, "opt_state": tx.init(trained(params, lora)[0]), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.key_data(jax.random.key(seed))}
