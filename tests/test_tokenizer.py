@@ -109,3 +109,34 @@ def test_from_file_and_build_tokenizer(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(ConfigError, match="not a valid"):
         SentencePieceTokenizer.from_file(str(tmp_path / "bad.model"))
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_exports_as_a_hugging_face_tokenizer_that_encodes_alike(model_type):
+    """The tokenizer.json `python -m transformer.export` writes for a sentencepiece run gives the same ids and text as
+    the model itself: spaces (single, double, leading, trailing), newlines, tabs, digits, characters it never saw
+    (byte fallback), and its special tokens."""
+    import io
+
+    import sentencepiece as spm
+
+    from transformer.data.tokenizer import SentencePieceTokenizer
+
+    words = "the quick brown fox jumps over the lazy dog while seven grey geese fly over quiet hills".split()
+    rng = np.random.default_rng(0)
+    text = "\n".join(" ".join(rng.choice(words, rng.integers(3, 15))) + rng.choice([".", ",", "!", "?"])
+                     for _ in range(3000))
+    sp = SentencePieceTokenizer.train(text, 400, model_type)
+    hf = sp.to_hf()
+    for t in ["the quick fox.\nthe  lazy   dog!\n\n", "  leading and trailing  ", "tab\tseparated, 2024 and 7",
+              "Grüße aus Köln — 東京 €3,50", text[:2000]]:
+        ids = sp.encode(t).tolist()
+        assert hf.encode(t).tolist() == ids, t
+        assert hf.decode(ids) == sp.decode(ids) == t
+    assert (hf.bos_id, hf.eos_id, hf.pad_id) == (sp.bos_id, sp.eos_id, sp.pad_id)
+
+    model = io.BytesIO()  # sentencepiece's default normalisation (NFKC, dummy prefix) has no exact form: refused
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.split("\n")), model_writer=model, vocab_size=40,
+                                   minloglevel=2)
+    with pytest.raises(ConfigError, match="no exact Hugging Face form"):
+        SentencePieceTokenizer(model.getvalue()).to_hf()

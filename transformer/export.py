@@ -6,7 +6,8 @@ Face directory that transformers loads with the same logits:
     python -m transformer.export runs/sft_lora adapters/ --peft      # a LoRA run's adapters alone, for peft
 
 The model's shape picks the family (GPT-2, or Llama / Mistral / Qwen2); the tokenizer goes along when it has a
-Hugging Face form (imported tokenizers, and char tokenizers as a one-token-per-character BPE). Bad input is one line
+Hugging Face form (imported tokenizers, char tokenizers as a one-token-per-character BPE, sentencepiece models
+trained here as the same BPE or unigram model). Bad input is one line
 on stderr and exit code 2, and nothing is written unless the whole export succeeds.
 """
 from __future__ import annotations
@@ -19,14 +20,17 @@ from transformer.cli import die, quiet_jax_logs
 
 
 def hf_tokenizer(tok):
-    """The run's tokenizer in its Hugging Face form, or None (sentencepiece: not exported yet)."""
-    from transformer.data.tokenizer import CharTokenizer, HFTokenizer
+    """(the run's tokenizer in its Hugging Face form or None, why not): a sentencepiece model not trained here (its
+    own normalisation) has no exact form."""
+    from transformer.config import ConfigError
+    from transformer.data.tokenizer import HFTokenizer
 
     if isinstance(tok, HFTokenizer):
-        return tok
-    if isinstance(tok, CharTokenizer):
-        return tok.to_hf()
-    return None
+        return tok, ""
+    try:
+        return tok.to_hf(), ""
+    except ConfigError as e:
+        return None, str(e)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,11 +72,11 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, lora_rank=0)
         else:
             params = nnx.to_pure_dict(run.params)
-        tok = hf_tokenizer(run.tokenizer)
+        tok, why = hf_tokenizer(run.tokenizer)
         kind = export_hf(cfg, params, tok, args.out_dir)
     except ConfigError as e:
         die(str(e))
-    note = "" if tok is not None else " (no tokenizer: a sentencepiece tokenizer has no Hugging Face form here yet)"
+    note = "" if tok is not None else f" (no tokenizer: {why})"
     print(f"wrote {args.out_dir}: a {kind} model, {sum(x.size for x in jax.tree.leaves(params)):,} parameters{note}")
     return 0
 

@@ -202,6 +202,49 @@ class SentencePieceTokenizer:
     def to_json(self) -> dict:
         return {"type": "sentencepiece", "model": base64.b64encode(self._proto).decode("ascii")}
 
+    def to_hf(self) -> "HFTokenizer":
+        """The same tokenizer as a Hugging Face tokenizer.json (for export), for the models trained here (identity
+        normalisation, no dummy prefix, any other normalisation has no exact equivalent here): spaces become "▁",
+        words split before each "▁" as sentencepiece splits them, "\n" and the control pieces are atomic, unseen
+        characters fall back to byte pieces. A BPE model's merges are ordered by the merged piece's score, the order
+        in which sentencepiece merges; a unigram model keeps its pieces' scores."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        m = sentencepiece_model_pb2.ModelProto()
+        m.ParseFromString(self._proto)
+        norm, spec = m.normalizer_spec, m.trainer_spec
+        if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
+            raise ConfigError(f"this sentencepiece model (normalization {norm.name!r}, dummy prefix "
+                              f"{norm.add_dummy_prefix}) has no exact Hugging Face form here; only models trained "
+                              "here (identity normalization) export their tokenizer")
+        NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
+        pieces = [(p.piece, p.score, p.type) for p in m.pieces]
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        unk = next(piece for piece, _, kind in pieces if kind == UNKNOWN)
+        if spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+            normal = {piece for piece, _, kind in pieces if kind == NORMAL}
+            merges = sorted((vocab[piece], vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+                            for piece in normal for k in range(1, len(piece))
+                            if piece[:k] in normal and piece[k:] in normal)
+            model = tokenizers.models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=unk,
+                                          byte_fallback=spec.byte_fallback, fuse_unk=True)
+        elif spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+            model = tokenizers.models.Unigram([(piece, score) for piece, score, _ in pieces], vocab[unk],
+                                              byte_fallback=spec.byte_fallback)
+        else:
+            raise ConfigError("only sentencepiece BPE and unigram models export their tokenizer")
+        tok = tokenizers.Tokenizer(model)
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
+                                                                split=spec.split_by_whitespace)
+        tok.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.Replace("▁", " "),
+                                                    tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+        tok.add_tokens([tokenizers.AddedToken(piece, special=kind == CONTROL, normalized=False)
+                        for piece, _, kind in pieces if kind in (CONTROL, USER_DEFINED)])
+
+        def named(i):
+            return None if i is None else pieces[i][0]
+        return HFTokenizer(tok.to_str(), bos=named(self.bos_id), eos=named(self.eos_id), pad=named(self.pad_id))
+
 
 Tokenizer = CharTokenizer | SentencePieceTokenizer
 
