@@ -8,9 +8,10 @@ about one word in eight replaced by another of the corpus and numbers spliced in
 compresses to nothing. For each tokenizer (sentencepiece BPE and byte-level BPE, both 8,192 pieces, trained on a
 64 MB sample) and corpus size, it prepares the shards with 1 and 2 worker processes (each in a fresh process, with
 an empty cache) and prints the throughput in MB of text per second (the tokenizer's training, timed apart, not
-included) and the peak resident memory (the preparing process plus its largest worker). Then the loader: tokens
-per second delivered as gpt2_small batches (12 x 1,024, with document segments) from the shards, and the time to the
-first batch of a run resumed deep into them.
+included) and the peak resident memory of the preparing process and all its workers together (sampled every
+0.25 s; the tokenizer trains in a process of its own, so its memory is not added to the preparation's). Then the
+loader: tokens per second delivered as gpt2_small batches (12 x 1,024, with document segments) from the shards,
+and the time to the first batch of a run resumed deep into them.
 """
 import argparse
 import json
@@ -108,11 +109,31 @@ def prepare(data: str, tokenizer: str, workers: int, cache_dir: str) -> dict:
     shutil.rmtree(os.path.join(cache_dir, "shards"), ignore_errors=True)  # the tokenizer stays cached
     settings = {"path": data, "prepared": True, "cache_dir": cache_dir, "workers": workers, "vocab_size": 8192,
                 "tokenizer": tokenizer, "tokenizer_sample_mb": 64}
-    out = subprocess.run([sys.executable, "-c", PREPARE.format(repo=str(REPO)), json.dumps(settings)],
-                         capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"preparation failed: {out.stderr.strip().splitlines()[-1]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", PREPARE.format(repo=str(REPO)), json.dumps(settings)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:  # the whole process tree's resident memory, sampled: the real peak at any moment
+        peak = max(peak, tree_rss_kb(proc.pid))
+        time.sleep(0.25)
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        sys.exit(f"preparation failed: {stderr.strip().splitlines()[-1]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    if peak:  # Linux (/proc); elsewhere the process's own and its largest child's peaks, summed
+        result["peak_kb"] = peak
+    return result
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory (kB) of a process and all its descendants, from /proc; 0 where there is none."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS")), 0)
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return 0
+    return rss + sum(tree_rss_kb(c) for c in children)
 
 
 def loader(cache: str, batches: int = 300) -> tuple[float, float]:

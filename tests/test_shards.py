@@ -278,3 +278,18 @@ def test_a_model_trained_on_documents_ends_them_and_sample_py_stops_there(tmp_pa
                          cwd=os.path.dirname(os.path.dirname(__file__)), env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "the cat sat on the mat."  # then the end-of-text token: 15 of 60 tokens
+
+
+def test_a_large_tokenizer_sample_trains_in_a_process_of_its_own_to_the_same_tokenizer(tmp_path, monkeypatch):
+    """Above data.prepare.SEPARATE_TRAINING_MB the tokenizer trains in a spawned process (its memory then goes back
+    before the shards are written); the tokenizer is the same as one trained in-process."""
+    from transformer.data import prepare
+    from transformer.data.sources import source_identity
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    cfg = DataConfig(path=str(data), prepared=True, tokenizer="sentencepiece", vocab_size=300)
+    here = prepare._sample_tokenizer(cfg, source_identity(cfg), str(tmp_path / "a"), lambda s: None)
+    monkeypatch.setattr(prepare, "SEPARATE_TRAINING_MB", 0)
+    spawned = prepare._sample_tokenizer(cfg, source_identity(cfg), str(tmp_path / "b"), lambda s: None)
+    assert spawned.to_json() == here.to_json()
