@@ -100,6 +100,27 @@ def _sample_tokenizer(cfg: DataConfig, source: dict, root: str, log) -> Tokenize
     if os.path.exists(path):
         with open(path) as f:
             return tokenizer_from_json(json.load(f))
+    sample = _tokenizer_sample(cfg)
+    log(f"training the {cfg.tokenizer} tokenizer on {len(sample) / 2**20:.1f} MB of the training text")
+    if len(sample) > SEPARATE_TRAINING_MB * 2**20:
+        # Training on a large sample takes ~17x its size in memory (sentencepiece, 64 MB: 1.1 GB), which the
+        # allocator keeps after training: in a process of its own, which reads the sample again, it goes back before
+        # the shards are written, and this process holds no copy meanwhile (2 GB corpus: 2.1 GB -> under 1.5).
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        del sample
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            tok = tokenizer_from_json(pool.submit(_trained_tokenizer_json, cfg).result())
+    else:
+        tok = tokenizer_from_json(_trained_tokenizer_json(cfg, sample))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_json_atomic(path, tok.to_json())
+    return tok
+
+
+def _tokenizer_sample(cfg: DataConfig) -> str:
+    """The first data.tokenizer_sample_mb MB of the training documents, joined by blank lines."""
     budget, texts = int(cfg.tokenizer_sample_mb * 2**20), []
     for text in stream_texts(cfg):
         texts.append(text)
@@ -110,28 +131,14 @@ def _sample_tokenizer(cfg: DataConfig, source: dict, root: str, log) -> Tokenize
     if not sample.strip():
         raise ConfigError(f"the training data at data.path={cfg.path!r} has no text ({len(texts)} document(s), all "
                           "empty); point data.path at the corpus (and data.text_column at its text column)")
-    log(f"training the {cfg.tokenizer} tokenizer on {len(sample) / 2**20:.1f} MB of the training text")
-    del texts
-    if len(sample) > SEPARATE_TRAINING_MB * 2**20:
-        # Training on a large sample takes ~17x its size in memory (sentencepiece, 64 MB: 1.1 GB), which the
-        # allocator keeps after training: in a process of its own it goes back before the shards are written, so
-        # the preparation's peak is the larger of the two, not their sum (measured on a 2 GB corpus: 2.1 GB -> 0.9).
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            tok = tokenizer_from_json(pool.submit(_trained_tokenizer_json, cfg, sample).result())
-    else:
-        tok = tokenizer_from_json(_trained_tokenizer_json(cfg, sample))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_json_atomic(path, tok.to_json())
-    return tok
+    return sample
 
 
 SEPARATE_TRAINING_MB = 8  # samples above this train in a process of their own
 
 
-def _trained_tokenizer_json(cfg: DataConfig, sample: str) -> dict:
+def _trained_tokenizer_json(cfg: DataConfig, sample: str | None = None) -> dict:
+    sample = _tokenizer_sample(cfg) if sample is None else sample
     # characters get an end-of-text id of their own (the others have one: sentencepiece's eos, BPE's <|endoftext|>)
     tok = CharTokenizer(sample, end_of_text=True) if cfg.tokenizer == "char" else build_tokenizer(cfg, sample)
     return tok.to_json()
