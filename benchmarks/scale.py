@@ -11,6 +11,8 @@ Parts (figures are XLA's, for the CPU it runs on; an accelerator's compiler make
             time at T = 1,024 on this CPU
   presets   per-device parameter + AdamW bytes of the llama3_2_1b and gpt2_medium presets on fsdp=8 and
             fsdp=4 x tensor=2 (from the shardings the rules give, on 8 fake devices)
+  param_dtype  llama3_2_1b on fsdp=8 with float32 vs bfloat16 weights (float32 master): the train state's bytes and
+            the compiled step's temporaries per device
 """
 import argparse
 import dataclasses
@@ -36,9 +38,10 @@ from transformer.train.step import make_steps  # noqa: E402
 GiB = 2**30
 
 
-def compiled_step(cfg, devices):
-    """The train step compiled for abstract inputs on a mesh of `devices`, and the seconds compiling took."""
-    mesh = sharding.make_mesh(MeshConfig(data=len(devices)), devices)
+def compiled_step(cfg, devices, mesh_cfg: MeshConfig | None = None):
+    """The train step compiled for abstract inputs on a mesh of `devices` (data parallel unless `mesh_cfg` says
+    otherwise), and the seconds compiling took."""
+    mesh = sharding.make_mesh(mesh_cfg or MeshConfig(data=len(devices)), devices)
     graphdef, tx, abstract, shardings, _ = build_state(cfg, mesh)
     step, _ = make_steps(graphdef, tx, cfg, mesh, shardings)
     tokens = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.model.max_len), np.int32,
@@ -123,7 +126,23 @@ def part_presets(devices):
             print(f"  {preset:12s} {n / 1e9:5.2f}B params  {name:18s} {per_dev / GiB:6.2f} GiB per device")
 
 
-PARTS = {"compile": part_compile, "remat": part_remat, "attention": part_attention, "presets": part_presets}
+def part_param_dtype(devices):
+    print("\nparam_dtype: llama3_2_1b (T = 2,048, 8 rows a step) on fsdp=8: the train state per device and the "
+          "compiled step's temporaries (gradients, gathered weights, activations)")
+    for dtype in ("float32", "bfloat16"):
+        cfg, _ = parse_args(["--config", "llama3_2_1b", "--model.vocab_size=128256", "--train.batch_size=8",
+                             "--train.grad_accum=1", f"--model.param_dtype={dtype}"])
+        mesh_cfg = MeshConfig(1, 8, 1)
+        _, _, abstract, shardings, _ = build_state(cfg, sharding.make_mesh(mesh_cfg, devices))
+        state = sharding.bytes_per_device(abstract, shardings)
+        compiled, secs = compiled_step(cfg, devices, mesh_cfg)
+        temps = compiled.memory_analysis().temp_size_in_bytes
+        print(f"  {dtype:9s} state {state / GiB:5.2f} GiB, temporaries {temps / GiB:6.2f} GiB per device "
+              f"(compiled in {secs:.0f} s)", flush=True)
+
+
+PARTS = {"compile": part_compile, "remat": part_remat, "attention": part_attention, "presets": part_presets,
+         "param_dtype": part_param_dtype}
 
 
 def main():

@@ -13,7 +13,8 @@ from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like, laid_o
 from transformer.config import Config, ConfigError, MeshConfig, first_line
 from transformer.convert import is_pretrained, load_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
-from transformer.model import abstract_model
+from transformer.model import abstract_model, cast_params
+from transformer.model.layers import DTYPES
 from transformer.model.lora import adapter_state
 from transformer.model.stack import stack_layers, unstack_layers
 
@@ -70,6 +71,8 @@ def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
         saved = adapter_state(abstract_params) if cfg.lora_base else abstract_params  # LoRA: adapters alone
         try:
             item = "ema" if cfg.optim.ema_decay > 0 else "params"  # the moving average, when the run kept one
+            if item == "params":  # in the run's model.param_dtype (a moving average is float32)
+                saved = cast_params(saved, DTYPES[cfg.model.param_dtype])
             params = ckpt.restore_params(step, abstract_like(saved, sharding.tree_shardings(saved, mesh)), item)
         except Exception as e:
             raise ConfigError(f"checkpoint {step} in {run_dir} could not be restored ({type(e).__name__}: "

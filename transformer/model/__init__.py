@@ -2,6 +2,8 @@
 the same `Block` (block.py) over the same layers (layers.py, attention.py)."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
@@ -27,3 +29,15 @@ def abstract_model(cfg: ModelConfig) -> nnx.Module:
         return build_model(cfg, nnx.Rngs(0))
     finally:
         ABSTRACT.reset(token)
+
+
+def cast_params(tree, dtype):
+    """`tree` (an nnx State of params, concrete or abstract) with every floating leaf in `dtype`; metadata (logical
+    axes, decay flags, shardings) kept."""
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+    return jax.tree.map(cast, tree)

@@ -20,6 +20,7 @@ from transformer.checkpoint import (
 from transformer.config import RUN_CHOICES, Config, ConfigError, check_lora, first_line
 from transformer.infer.loading import LoadedRun, load_run
 from transformer.model import abstract_model, build_model
+from transformer.model.layers import DTYPES
 from transformer.model.lora import adapter_state
 from transformer.model.stack import stack_layers
 from transformer.tasks import Task, TaskData, task_of
@@ -63,10 +64,10 @@ def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData
                                                                  init_from=os.path.abspath(cfg.train.init_from)))
     if cfg.train.init_from:  # start from another run's model (e.g. an MLM run): its config, tokenizer, weights
         source = load_run(cfg.train.init_from, mesh=mesh)
-        # its architecture; this run's dropout, LoRA, matmul inputs (how this machine multiplies, resolved above) and
-        # how the layers run (scanned or not, what is rematerialised, which attention formulation)
-        ours = {k: getattr(cfg.model, k) for k in ("dropout", "matmul_dtype", *RUN_CHOICES, "lora_rank",
-                                                   "lora_alpha", "lora_targets", "lora_dropout")}
+        # its architecture; this run's dropout, LoRA, matmul inputs (how this machine multiplies, resolved above),
+        # weights' dtype and how the layers run (scanned or not, what is rematerialised, which attention formulation)
+        ours = {k: getattr(cfg.model, k) for k in ("dropout", "matmul_dtype", "param_dtype", *RUN_CHOICES,
+                                                   "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")}
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(source.cfg.model, n_classes=0, **ours))
         if cfg.model.lora_rank:
             check_lora(cfg.model)
@@ -85,7 +86,8 @@ def prepare_run(cfg: Config, run_dir: str, mesh) -> tuple[Config, Task, TaskData
 
 def build_state(cfg: Config, mesh):
     """Graph, sharded train state created directly on the devices (never whole on one host), and its shardings."""
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    bf16 = cfg.model.param_dtype == "bfloat16"
+    tx = make_optimizer(cfg.optim, cfg.train.steps, mu_dtype=jnp.bfloat16 if bf16 else None)
 
     def create(base: dict | None = None):
         """A fresh state; with `base` (pure-dict weights, e.g. a pretrained model's) those replace the random ones
@@ -94,9 +96,9 @@ def build_state(cfg: Config, mesh):
         model = build_model(cfg.model, nnx.Rngs(cfg.train.seed))
         if base is not None:
             nnx.update(model, laid_over(nnx.state(model, nnx.Param), base))
-        frozen_dtype = jnp.bfloat16 if cfg.model.matmul_dtype == "bfloat16" else None
+        frozen_dtype = jnp.bfloat16 if cfg.model.matmul_dtype == "bfloat16" or bf16 else None
         return init_state(model, tx, cfg.train.seed, ema=cfg.optim.ema_decay > 0, lora=cfg.model.lora_rank > 0,
-                          frozen_dtype=frozen_dtype)[1]
+                          frozen_dtype=frozen_dtype, param_dtype=DTYPES[cfg.model.param_dtype])[1]
 
     abstract = jax.eval_shape(create)
     graphdef = nnx.graphdef(abstract_model(cfg.model))
