@@ -20,7 +20,7 @@ from transformer.model.layers import (
     rope_frequencies,
     rotary,
 )
-from transformer.model.lora import adapters, add_delta, add_deltas, fold, with_dropout
+from transformer.model.lora import adapters, add_delta, add_deltas, deltas, fold, with_dropout
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -159,10 +159,12 @@ class Attention(nnx.Module):
                 fold(self.w_kv_DCKH, adapter, "kv".index(name))
         self.lora = None
 
-    def _kv(self, x_BSD, lora):
+    def _kv(self, x_BSD, lora, dkv=None):
         """Keys and values of x, (B S K H) each, before any rotation. `lora`: the adapters as this call applies them
-        (self.lora, or `with_dropout` of it in training), as in the other projections."""
-        kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, lora, ("k", "v"), axis=2)
+        (self.lora, or `with_dropout` of it in training), as in the other projections; `dkv`: the k and v adapters'
+        updates, when the caller computed them."""
+        kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, lora, ("k", "v"), axis=2,
+                              parts=dkv)
         if self.b_kv_CKH is not None:
             kv_BSCKH = kv_BSCKH + self.b_kv_CKH[...].astype(kv_BSCKH.dtype)
         return kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
@@ -175,10 +177,13 @@ class Attention(nnx.Module):
             if self.b_qkv_CNH is not None:
                 qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
             return qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
-        return (self._q(x_BTD, lora), *self._kv(x_BTD, lora))
+        dq, dk, dv = deltas(lora, ("q", "k", "v"), x_BTD)  # the three A matrices in one matmul
+        return (self._q(x_BTD, None, dq), *self._kv(x_BTD, None, [dk, dv]))
 
-    def _q(self, x_BTD, lora):
+    def _q(self, x_BTD, lora, dq=None):
         q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, lora, "q")
+        if dq is not None:  # computed by the caller
+            q_BTNH = q_BTNH + dq
         if self.b_q_NH is not None:
             q_BTNH = q_BTNH + self.b_q_NH[...].astype(q_BTNH.dtype)
         return q_BTNH

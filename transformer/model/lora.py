@@ -7,6 +7,7 @@ base stays frozen and only the adapters train. `merged_params` folds them into t
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transformer.config import ModelConfig
-from transformer.model.layers import ABSTRACT, dropout
+from transformer.model.layers import ABSTRACT, dropout, matmul
 
 
 class LoRAParam(nnx.Param):
@@ -47,13 +48,21 @@ class Adapter(nnx.Module):
         self.b_RO = _lora_param(rngs, jax.nn.initializers.zeros, (r, *out), (None, *out_axes))
         self.scale = cfg.lora_alpha / r
         self.dropout_rate = cfg.lora_dropout
+        self.mm = cfg.matmul_dtype  # bf16 inputs (float32 accumulation) like the adapted matrix's own matmul
+
+    def down(self, x_MI):
+        """x A: float32 (M, inputs) -> (M, r)."""
+        return matmul(x_MI, self.a_IR[...], self.mm)
+
+    def up(self, h_MR, lead: tuple[int, ...], dtype):
+        """(alpha / r) h B, shaped lead + the adapted matrix's outputs, in `dtype`."""
+        y = matmul(h_MR, self.b_RO[...].reshape(h_MR.shape[-1], -1), self.mm) * self.scale
+        return y.reshape(*lead, *self.b_RO.shape[1:]).astype(dtype)
 
     def __call__(self, x, dropout_key=None):
         """The update for input x; with a `dropout_key` (training) x is first dropped out at `lora_dropout`."""
         x = dropout(x, self.dropout_rate, dropout_key)
-        h = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ self.a_IR[...]
-        y = (h @ self.b_RO[...].reshape(h.shape[-1], -1)) * self.scale
-        return y.reshape(*x.shape[:-1], *self.b_RO.shape[1:]).astype(x.dtype)
+        return self.up(self.down(x.reshape(-1, x.shape[-1]).astype(jnp.float32)), x.shape[:-1], x.dtype)
 
 
 def adapters(cfg: ModelConfig, shapes: dict[str, tuple], rngs: nnx.Rngs) -> nnx.Dict | None:
@@ -85,9 +94,23 @@ def add_delta(y, x, lora, name: str):
     return y if d is None else y + d
 
 
-def add_deltas(y, x, lora, names: tuple[str, ...], axis: int):
-    """y (a fused projection, its parts stacked on `axis`, e.g. q, k, v) plus each part's adapter update."""
-    parts = [delta(lora, n, x) for n in names]
+def deltas(lora, names: tuple[str, ...], x) -> list:
+    """The updates of the adapters `names` (None where a matrix has none) for one input x. Plain adapters (no
+    per-adapter dropout) share one matmul for their A matrices: x [A_q A_k A_v], then each slice times its B."""
+    plain = [n for n in names if lora is not None and n in lora and isinstance(lora[n], Adapter)]
+    if len(plain) < 2:
+        return [delta(lora, n, x) for n in names]
+    a_IR = jnp.concatenate([lora[n].a_IR[...] for n in plain], axis=1)
+    h_MR = matmul(x.reshape(-1, x.shape[-1]).astype(jnp.float32), a_IR, lora[plain[0]].mm)
+    ends = list(itertools.accumulate(lora[n].a_IR.shape[1] for n in plain))
+    pieces = dict(zip(plain, jnp.split(h_MR, ends[:-1], axis=1)))
+    return [lora[n].up(pieces[n], x.shape[:-1], x.dtype) if n in pieces else delta(lora, n, x) for n in names]
+
+
+def add_deltas(y, x, lora, names: tuple[str, ...], axis: int, parts: list | None = None):
+    """y (a fused projection, its parts stacked on `axis`, e.g. q, k, v) plus each part's adapter update (`parts`:
+    those updates, when the caller computed them already)."""
+    parts = deltas(lora, names, x) if parts is None else parts
     if all(p is None for p in parts):
         return y
     shape = list(y.shape)
