@@ -20,7 +20,7 @@ from transformer.model.layers import (
     rope_frequencies,
     rotary,
 )
-from transformer.model.lora import adapters, add_delta, add_deltas, deltas, fold, with_dropout
+from transformer.model.lora import adapters, add_delta, add_deltas, add_parts, delta, deltas, fold, with_dropout
 from transformer.sharding import constrain
 
 # Large finite negative for masked scores: exp() underflows to exactly 0 without the inf - inf = nan of -inf.
@@ -159,12 +159,10 @@ class Attention(nnx.Module):
                 fold(self.w_kv_DCKH, adapter, "kv".index(name))
         self.lora = None
 
-    def _kv(self, x_BSD, lora, dkv=None):
-        """Keys and values of x, (B S K H) each, before any rotation. `lora`: the adapters as this call applies them
-        (self.lora, or `with_dropout` of it in training), as in the other projections; `dkv`: the k and v adapters'
-        updates, when the caller computed them."""
-        kv_BSCKH = add_deltas(dense(x_BSD, self.w_kv_DCKH[...], self.mm), x_BSD, lora, ("k", "v"), axis=2,
-                              parts=dkv)
+    def _kv(self, x_BSD, dkv):
+        """Keys and values of x, (B S K H) each, before any rotation. `dkv`: the k and v adapters' updates of x
+        (`deltas`; None each where there is none)."""
+        kv_BSCKH = add_parts(dense(x_BSD, self.w_kv_DCKH[...], self.mm), dkv, axis=2)
         if self.b_kv_CKH is not None:
             kv_BSCKH = kv_BSCKH + self.b_kv_CKH[...].astype(kv_BSCKH.dtype)
         return kv_BSCKH[:, :, 0], kv_BSCKH[:, :, 1]
@@ -178,11 +176,12 @@ class Attention(nnx.Module):
                 qkv_BTCNH = qkv_BTCNH + self.b_qkv_CNH[...].astype(qkv_BTCNH.dtype)
             return qkv_BTCNH[:, :, 0], qkv_BTCNH[:, :, 1], qkv_BTCNH[:, :, 2]
         dq, dk, dv = deltas(lora, ("q", "k", "v"), x_BTD)  # the three A matrices in one matmul
-        return (self._q(x_BTD, None, dq), *self._kv(x_BTD, None, [dk, dv]))
+        return (self._q(x_BTD, dq), *self._kv(x_BTD, [dk, dv]))
 
-    def _q(self, x_BTD, lora, dq=None):
-        q_BTNH = add_delta(dense(x_BTD, self.w_q_DNH[...], self.mm), x_BTD, lora, "q")
-        if dq is not None:  # computed by the caller
+    def _q(self, x_BTD, dq):
+        """Queries of x; `dq`: the q adapter's update of x, or None."""
+        q_BTNH = dense(x_BTD, self.w_q_DNH[...], self.mm)
+        if dq is not None:
             q_BTNH = q_BTNH + dq
         if self.b_q_NH is not None:
             q_BTNH = q_BTNH + self.b_q_NH[...].astype(q_BTNH.dtype)
@@ -191,7 +190,7 @@ class Attention(nnx.Module):
     def cross_kv(self, context_BSD, lora=None) -> dict:
         """Cross-attention keys and values of the encoder output ({"k": B K H S, "v": B K S H}): computed once per
         source and reused at every decoding step."""
-        k_BSKH, v_BSKH = self._kv(context_BSD, self.lora if lora is None else lora)
+        k_BSKH, v_BSKH = self._kv(context_BSD, deltas(self.lora if lora is None else lora, ("k", "v"), context_BSD))
         k_BSKH, v_BSKH = constrain(k_BSKH, ACT_BSKH), constrain(v_BSKH, ACT_BSKH)
         return {"k": k_BSKH.transpose(0, 2, 3, 1), "v": v_BSKH.transpose(0, 2, 1, 3)}
 
@@ -214,8 +213,8 @@ class Attention(nnx.Module):
         lora = with_dropout(self.lora, None if dropout_key is None else jax.random.fold_in(dropout_key, 1))
         if self.cross:
             kv = self.cross_kv(context_BSD, lora) if context_kv is None else context_kv
-            return self._attend_full(constrain(self._q(x_BTD, lora), ACT_BTNH), kv["k"], kv["v"], mask_B1TS,
-                                     dropout_key, weights, lora)
+            q_BTNH = constrain(self._q(x_BTD, delta(lora, "q", x_BTD)), ACT_BTNH)
+            return self._attend_full(q_BTNH, kv["k"], kv["v"], mask_B1TS, dropout_key, weights, lora)
         q_BTNH, k_BSKH, v_BSKH = self._project_in(x_BTD, lora)
         if self.rotary:  # keys are cached already rotated: rotary scores depend only on relative position
             q_BTNH = rotary(q_BTNH, positions_BT, self.inv_freq_h)

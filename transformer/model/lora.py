@@ -107,10 +107,13 @@ def deltas(lora, names: tuple[str, ...], x) -> list:
     return [lora[n].up(pieces[n], x.shape[:-1], x.dtype) if n in pieces else delta(lora, n, x) for n in names]
 
 
-def add_deltas(y, x, lora, names: tuple[str, ...], axis: int, parts: list | None = None):
-    """y (a fused projection, its parts stacked on `axis`, e.g. q, k, v) plus each part's adapter update (`parts`:
-    those updates, when the caller computed them already)."""
-    parts = deltas(lora, names, x) if parts is None else parts
+def add_deltas(y, x, lora, names: tuple[str, ...], axis: int):
+    """y (a fused projection, its parts stacked on `axis`, e.g. q, k, v) plus each part's adapter update."""
+    return add_parts(y, deltas(lora, names, x), axis)
+
+
+def add_parts(y, parts: list, axis: int):
+    """y (a fused projection) plus `parts`, one update per part stacked on `axis` (None: that part has none)."""
     if all(p is None for p in parts):
         return y
     shape = list(y.shape)
