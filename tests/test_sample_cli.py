@@ -10,9 +10,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": FAST_COMPILE}
 
 
-def run(script, *args, stdin=None):
+def run_process(script, *args, stdin=None):
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
                           env=ENV, input=stdin, timeout=300)
+
+
+def run(script, *args, stdin=None):
+    from inproc import run as run_here  # the same, in this process (tests/inproc.py)
+    return run_here(script, *args, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,7 @@ def test_bad_inputs_are_one_line_errors(trained, args, fragment):
 
 
 def test_missing_and_half_written_run_dirs(tmp_path):
-    out = run("sample.py", "--checkpoint", str(tmp_path / "nope"))
+    out = run_process("sample.py", "--checkpoint", str(tmp_path / "nope"))  # a fresh interpreter: no log lines either
     assert out.returncode == 2 and "nope not found: give a run directory" in out.stderr and "Traceback" not in out.stderr
     (tmp_path / "empty").mkdir()
     out = run("sample.py", "--checkpoint", str(tmp_path / "empty"))

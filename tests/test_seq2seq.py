@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 from flax import nnx
 
 from transformer.config import ModelConfig
@@ -118,14 +117,11 @@ def test_tiny_model_learns_to_reverse_digit_strings(tmp_path, capsys):
                       max_new_tokens=12, bos=bos, eos=eos, pad=pad, beam_size=4)  # beams reorder the KV cache
     assert [run.tokenizer.decode(o) for o in beams] == [s[::-1] for s in tests[:20]]
     (tmp_path / "in.txt").write_text("\n".join(tests[:5]) + "\n")
-    cli = subprocess.run([sys.executable, os.path.join(repo, "sample.py"), "--checkpoint", str(run_dir),
-                          "--source-file", str(tmp_path / "in.txt")], capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=repo)
+    from inproc import run as in_process
+    cli = in_process("sample.py", "--checkpoint", str(run_dir), "--source-file", str(tmp_path / "in.txt"))
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout.splitlines() == [s[::-1] for s in tests[:5]]
-    ignored = subprocess.run([sys.executable, os.path.join(repo, "sample.py"), "--checkpoint", str(run_dir),
-                              "--source", tests[0], "--num-samples", "2"], capture_output=True, text=True,
-                             env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=repo)
+    ignored = in_process("sample.py", "--checkpoint", str(run_dir), "--source", tests[0], "--num-samples", "2")
     assert ignored.returncode == 2 and "--num-samples does not apply" in ignored.stderr, ignored.stderr
 
 
@@ -204,16 +200,11 @@ def test_targets_stop_a_margin_past_the_source_length(model):
 
 
 def test_misaligned_files_are_a_one_line_error(tmp_path):
-    import os
-    import subprocess
-    import sys
     (tmp_path / "a.txt").write_text("eins\nzwei\ndrei\n")
     (tmp_path / "b.txt").write_text("one\ntwo\n")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(repo, "train.py"), "--config", "multi30k_de_en",
-                          "--data.source_file", str(tmp_path / "a.txt"), "--data.target_file", str(tmp_path / "b.txt"),
-                          "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": FAST_COMPILE}, cwd=repo)
+    from inproc import run
+    out = run("train.py", "--config", "multi30k_de_en", "--data.source_file", str(tmp_path / "a.txt"),
+              "--data.target_file", str(tmp_path / "b.txt"), "--train.run_dir", str(tmp_path / "run"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "has 3 lines but" in out.stderr and "not aligned" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

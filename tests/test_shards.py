@@ -257,10 +257,7 @@ def test_byte_level_bpe_encodes_in_batches_as_one_by_one_and_round_trips():
 def test_a_model_trained_on_documents_ends_them_and_sample_py_stops_there(tmp_path):
     """Every prepared document ends in an end-of-text token, the tokenizer's EOS: a model trained on them learns to
     end a document, and sample.py stops at that token by itself (not at --max-new-tokens)."""
-    import subprocess
-    import sys
-
-    from conftest import FAST_COMPILE
+    from inproc import run as cli
 
     from transformer.cli import parse_args
     from transformer.train import train
@@ -273,9 +270,7 @@ def test_a_model_trained_on_documents_ends_them_and_sample_py_stops_there(tmp_pa
                       "--model.n_layers=2", "--model.max_len=32", "--train.batch_size=8", "--train.log_interval=50",
                       "--train.eval_interval=1000", "--train.progress=false", "--optim.lr=3e-3",
                       "--optim.warmup_steps=10", "--mesh.data=1"])[0])
-    out = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(run), "--prompt", "the cat", "--greedy",
-                          "--max-new-tokens", "60"], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(__file__)), env={**os.environ, "XLA_FLAGS": FAST_COMPILE})
+    out = cli("sample.py", "--checkpoint", str(run), "--prompt", "the cat", "--greedy", "--max-new-tokens", "60")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "the cat sat on the mat."  # then the end-of-text token: 15 of 60 tokens
 
