@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import mmap
 import multiprocessing
 import os
 from typing import Callable, Iterable, Iterator
@@ -132,15 +133,28 @@ class TokenShards:
         if index is None or not index["complete"]:
             raise ConfigError(f"{cache_dir} holds no complete prepared data; run python -m transformer.prepare")
         self.cache_dir, self.eot, self.vocab = cache_dir, index["eot"], index["vocab"]
+        dtype = np.dtype(index["dtype"])
         self.shards = []
         for path, n in shard_files(cache_dir, index, split):
-            if not os.path.exists(path) or os.path.getsize(path) != n * np.dtype(index["dtype"]).itemsize:
+            if not os.path.exists(path) or os.path.getsize(path) != n * dtype.itemsize:
                 raise ConfigError(f"prepared shard {path} is missing or truncated; run python -m transformer.prepare "
                                   "again to rebuild it")
-            self.shards.append(np.memmap(path, dtype=index["dtype"], mode="r", shape=(n,)))
+            self.shards.append(_mapped(path, dtype, n))
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
+
+
+def _mapped(path: str, dtype: np.dtype, n: int) -> np.ndarray:
+    """The file as a read-only array over a memory map advised for random access: a page fault reads its page, not
+    the kernel's readahead window (a loader reads 2 KB blocks in random order)."""
+    if n == 0:
+        return np.zeros(0, dtype)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mm, dtype, count=n)
 
 
 def _valid_prefix(cache_dir: str, index: dict | None) -> dict | None:
