@@ -6,6 +6,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from transformer.config import ConfigError, DataConfig
 from transformer.data.sources import load_conversations
@@ -64,10 +65,11 @@ def test_the_loss_counts_assistant_targets_only(model, tok):
     from transformer.tasks.losses import token_losses
     pipe = pipeline(tok, [CONVERSATION] * 2, 2)
     batch = {k: jnp.asarray(v) for k, v in pipe.next(0, lambda n: np.arange(n)).items()}
-    task = SupervisedFineTuning()
-    loss = lambda b: float(task.sums(model, b, None)["loss"])  # noqa: E731
+    sums = nnx.jit(lambda m, b: SupervisedFineTuning().sums(m, b, None)["loss"])  # compiled once, not op by op
+    loss = lambda b: float(sums(model, b))  # noqa: E731
     ids, learn = conversation_tokens(tok, CONVERSATION)
-    every = np.asarray(token_losses(model(jnp.asarray(ids[None, :-1])), jnp.asarray(ids[None, 1:])))[0]
+    every = np.asarray(token_losses(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids[None, :-1])),
+                                    jnp.asarray(ids[None, 1:])))[0]
     np.testing.assert_allclose(loss(batch), 2 * every[learn[1:]].sum(), rtol=1e-5)
     user = np.flatnonzero(~learn[1:])[3]  # one user-turn target more would move it
     assert abs(2 * (every[learn[1:]].sum() + every[user]) - loss(batch)) > 1e-3
@@ -79,11 +81,16 @@ def test_the_loss_counts_assistant_targets_only(model, tok):
     assert loss(moved_pad) == loss(batch)  # the padding of the gather does not
 
 
+@nnx.jit
+def sft_logits(model, batch):
+    return SupervisedFineTuning().logits(model, batch, None)
+
+
 def segment_losses(model, batch) -> list[float]:
     """Each conversation's summed loss, row by row, segment by segment."""
     from transformer.tasks.losses import token_losses
     b = {k: jnp.asarray(v) for k, v in batch.items()}
-    ce = np.asarray(token_losses(SupervisedFineTuning().logits(model, b, None), b["targets"])) * batch["weights"]
+    ce = np.asarray(token_losses(sft_logits(model, b), b["targets"])) * batch["weights"]
     seg = np.take_along_axis(batch["segments"], batch["loss_at"], axis=1)
     return [ce[r][(seg[r] == s) & (batch["weights"][r] > 0)].sum()
             for r in range(len(ce)) for s in range(1, batch["segments"][r].max() + 1)]
