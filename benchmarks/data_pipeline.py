@@ -193,12 +193,11 @@ def main():
 
 
 def time_loader(caches: dict[str, str]) -> None:
+    states = ("disk", "page cache") if hasattr(os, "posix_fadvise") else ("page cache",)
     for tokenizer, cache in caches.items():
-        for state in ("disk", "page cache"):
-            if state == "disk" and hasattr(os, "posix_fadvise"):
+        for state in states:
+            if state == "disk":
                 evict(cache)
-            elif state == "disk":
-                continue
             rate, first = loader(cache)
             print(f"loader ({tokenizer} shards, read from the {state}): {rate / 1e6:.2f}M tokens/s as 12 x 1,024 "
                   f"batches with segments; first batch of a run resumed at batch 1,000,000: {first:.2f} s", flush=True)

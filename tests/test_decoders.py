@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from inproc import run as cli
 from safetensors.numpy import load_file, save_file
 
 from transformer.config import ConfigError
@@ -169,13 +170,6 @@ def test_bad_gguf_files_are_one_line_config_errors(tmp_path):
 
 
 # --- chat, streaming, the export command ---------------------------------------------------------------------------
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(*args, stdin=None):
-    from inproc import run
-    return run(*args, stdin=stdin)
 
 
 def test_streaming_never_prints_half_a_character(ref):

@@ -182,8 +182,6 @@ def test_pieces_show_spaces_and_the_bytes_of_split_characters():
 
 # --- the command ----------------------------------------------------------------------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def inspect_cli(*args):
     from inproc import run

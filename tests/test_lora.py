@@ -153,7 +153,7 @@ def test_lora_chat_fine_tuning_end_to_end(tmp_path):
     import json
     import os
 
-    from test_decoders import cli as run
+    from inproc import run
     from test_decoders import write_tiny
 
     ref = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_decoders_reference.npz"))

@@ -171,7 +171,7 @@ def test_a_model_without_a_chat_template_is_refused(ref, tmp_path):
 
 
 def test_train_sft_then_chat_with_the_result(ref, tmp_path):
-    from test_decoders import cli as run
+    from inproc import run
     from test_decoders import write_tiny
 
     model = write_tiny(tmp_path / "llama", ref, "llama")
