@@ -307,7 +307,7 @@ def main(argv) -> int:
     from transformer.infer.loading import load_run
 
     try:  # the run is loaded once; its architecture decides what to do and which options apply
-        run = load_run(args.checkpoint, args.step)
+        run = load_run(args.checkpoint, args.step, background=args.chat)  # --chat compiles while weights load
         check_options(ap, args, run.cfg.model.arch)
     except ConfigError as e:
         die(str(e))

@@ -9,7 +9,10 @@ Prints, all measured in this run (medians of 3 timed runs after a compile run; -
     --peer-python is given, and our ratios to it;
   - the memory-bandwidth bound at batch 1: the weight bytes one token reads over this machine's read bandwidth
     (measured here: summing a 1 GiB array, numpy on one thread or XLA on all, the faster), and our fraction of it;
-  - llama.cpp's decode and prefill tokens/s on the GGUF file itself when `llama_cpp` is importable there.
+  - llama.cpp's decode and prefill tokens/s on the GGUF file itself when `llama_cpp` is importable there;
+  - the time to the first token of `sample.py --chat` on the GGUF file (a fresh process: imports, load and
+    compilation included), with an empty compilation cache (cold) and with the one the cold run filled (warm),
+    and the time to the whole reply. --ttft-only: just that.
 """
 import argparse
 import importlib.util
@@ -17,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,13 +112,49 @@ def ours(run, params, batch: int, runs: int) -> float:
     return batch * NEW / statistics.median(times)
 
 
+def chat_first_token(path: str, cache_dir: str) -> tuple[float, float]:
+    """(seconds to the first byte of the reply, seconds to the end) of one `sample.py --chat` process."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, str(REPO / "sample.py"), "--checkpoint", path, "--chat", "--greedy",
+                          "--stream", "--max-new-tokens", "20"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env=env)
+    p.stdin.write(b"What is the capital of France?\n")
+    p.stdin.close()
+    first = p.stdout.read(1)
+    t_first = time.perf_counter() - t
+    reply = first + p.stdout.read()
+    p.wait()
+    assert p.returncode == 0 and b"Paris" in reply, reply
+    return t_first, time.perf_counter() - t
+
+
+def time_to_first_token(path: str, runs: int) -> None:
+    for state in ("cold", "warm"):
+        times = []
+        with tempfile.TemporaryDirectory() as warm:
+            if state == "warm":
+                chat_first_token(path, warm)  # fills the compilation cache
+            for _ in range(runs):
+                with tempfile.TemporaryDirectory() as cold:
+                    times.append(chat_first_token(path, cold if state == "cold" else warm))
+        first, whole = (statistics.median(x) for x in zip(*times))
+        print(f"sample.py --chat time to first token, {state} compilation cache: {first:.2f} s (runs: "
+              f"{', '.join(f'{t:.2f}' for t, _ in times)}; target < 8 s); whole 20-token reply {whole:.2f} s",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer-python", help="a python with torch + transformers + gguf (not project dependencies)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ttft-only", action="store_true", help="only the time to the first token of sample.py --chat")
     args = ap.parse_args()
     runs = 1 if args.quick else 3
     path = smollm2_gguf()
+    time_to_first_token(path, runs)
+    if args.ttft_only:
+        return
     run = load_run(path)
     f32 = run.params
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32)

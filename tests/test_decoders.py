@@ -198,6 +198,28 @@ def test_chat_turns_from_stdin_and_the_bad_chat_inputs(tmp_path, ref):
     assert out.returncode == 2 and "--system needs --chat" in out.stderr
 
 
+def test_weights_load_in_the_background_while_the_chat_programs_compile(tmp_path, ref):
+    from transformer.infer import sampling
+
+    path = write_tiny(tmp_path / "llama", ref, "llama")
+    now, later = load_run(path), load_run(path, background=True)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), now.params)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), later.abstract_params) == want
+    kw = dict(max_new_tokens=5, max_len=later.cfg.model.max_len, sampler=Sampler(0.0), key=jax.random.key(0))
+    sampling.precompile(later.graphdef, later.abstract_params, [[3, 4, 5]], **kw)  # from the shapes alone
+    compiled = len(sampling._FIRST_PROGRAMS)
+    streamed = generate(later.graphdef, later.params, [[3, 4, 5]], chunk=2, on_tokens=lambda rows: None, **kw)
+    assert len(sampling._FIRST_PROGRAMS) == compiled  # the loaded params found the programs compiled for the shapes
+    assert streamed.tokens == generate(now.graphdef, now.params, [[3, 4, 5]], **kw).tokens
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(now.params), jax.tree.leaves(later.params)))
+
+    bad = write_tiny(tmp_path / "bad", ref, "llama", drop="model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(ConfigError, match="is missing"):
+        load_run(bad, background=True).params  # the weights' error, when they are asked for
+    out = cli("sample.py", "--checkpoint", bad, "--chat", "--stream", stdin="hi\n")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "is missing" in out.stderr, out.stderr
+
+
 def test_export_command_writes_a_directory_once(tmp_path, ref):
     src = write_tiny(tmp_path / "qwen2", ref, "qwen2")
     out_dir = str(tmp_path / "exported")
@@ -308,7 +330,7 @@ def test_gguf_tensor_types_rotary_order_and_tokenizer(tmp_path, ref, qtype):
                for k, v in hf.items()}
     _, want = import_decoder(llama, llama.hf_config(cfg), rounded, "reference")
     x = jnp.asarray(ref["llama/input_ids"])
-    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(cfg, want, None, ""))(x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(cfg, None, "", lambda: want))(x), rtol=0, atol=1e-5)
     original = HFTokenizer(str(ref["tokenizer"]))
     for text in ["The cat sat on the mat.", "Grüße aus Köln: 42 apples cost 3.50 €.", "<|im_start|>user\nhi"]:
         assert pre.tokenizer.encode(text).tolist() == original.encode(text).tolist(), text
@@ -352,8 +374,8 @@ def test_gguf_rope_freqs_become_llama3_scaling(tmp_path, ref):
                                [8.0, 1.0, 16.0], rtol=1e-5)
     _, want = import_decoder(llama, llama.hf_config(scaled), hf, "reference")
     x = jnp.asarray(ref["llama/input_ids"])
-    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(scaled, want, None, ""))(x), rtol=0, atol=1e-5)
-    plain = model_of(type(pre)(cfg, want, None, ""))(x)
+    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(scaled, None, "", lambda: want))(x), rtol=0, atol=1e-5)
+    plain = model_of(type(pre)(cfg, None, "", lambda: want))(x)
     assert np.abs(np.asarray(model_of(pre)(x)) - np.asarray(plain)).max() > 1e-3  # the scaling matters here
 
     write_gguf(tmp_path / "odd.gguf", hf, cfg, str(ref["tokenizer"]), "F32",

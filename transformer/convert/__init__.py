@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from transformer.convert.gguf import is_gguf, load_gguf
-from transformer.convert.hf import is_hf_dir, load_hf
+from transformer.convert.gguf import is_gguf, open_gguf
+from transformer.convert.hf import is_hf_dir, open_hf
 from transformer.convert.mapping import Pretrained
 
 
@@ -15,8 +15,15 @@ def is_pretrained(path: str) -> bool:
     return is_gguf(path) or (os.path.isdir(path) and is_hf_dir(path))
 
 
+def open_pretrained(path: str) -> Pretrained:
+    """Config and tokenizer now; the weights when `.params` is first read."""
+    return open_gguf(path) if is_gguf(path) else open_hf(path)
+
+
 def load_pretrained(path: str) -> Pretrained:
-    return load_gguf(path) if is_gguf(path) else load_hf(path)
+    pre = open_pretrained(path)
+    pre.params  # noqa: B018 (read now: a damaged weight is an error here)
+    return pre
 
 
-__all__ = ["Pretrained", "is_pretrained", "load_pretrained"]
+__all__ = ["Pretrained", "is_pretrained", "load_pretrained", "open_pretrained"]

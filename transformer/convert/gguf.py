@@ -22,7 +22,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers, processors
 from transformer.config import ConfigError, first_line
 from transformer.convert import llama
 from transformer.convert.gguf_file import TensorInfo, read_gguf
-from transformer.convert.hf import import_decoder
+from transformer.convert.hf import decoder_config, import_decoder
 from transformer.convert.mapping import Pretrained
 from transformer.data.tokenizer import HFTokenizer
 
@@ -213,8 +213,8 @@ def llama3_rope_scaling(factors: np.ndarray, hf: dict, original_max_len: int, pa
     return scaling
 
 
-def load_gguf(path: str) -> Pretrained:
-    """A GGUF file as (config, params, tokenizer)."""
+def open_gguf(path: str) -> Pretrained:
+    """A GGUF file as (config, tokenizer, params read when first asked for)."""
     path = os.fspath(path)
     meta, infos = read_gguf(path)
     f = _Fields(meta, path)
@@ -225,8 +225,14 @@ def load_gguf(path: str) -> Pretrained:
         arch = f.need("general.architecture")
         original = int(f.get(f"{arch}.rope.scaling.original_context_length", 8192))
         hf["rope_scaling"] = llama3_rope_scaling(_read_tensor(rope[0], path, hf)[1], hf, original, path) or None
-    llama.model_config(hf)
+    what = f"{path} (GGUF)"
+    cfg = decoder_config(llama, hf, what)
     tok = read_tokenizer(f)
-    tensors = read_tensors(infos, path, hf)
-    cfg, params = import_decoder(llama, hf, tensors, f"{path} (GGUF)")
-    return Pretrained(cfg, params, tok, "gguf:llama")
+    return Pretrained(cfg, tok, "gguf:llama", lambda: import_decoder(llama, hf, read_tensors(infos, path, hf), what)[1])
+
+
+def load_gguf(path: str) -> Pretrained:
+    """`open_gguf` with the weights read now."""
+    pre = open_gguf(path)
+    pre.params  # noqa: B018
+    return pre

@@ -25,7 +25,7 @@ from transformer.convert.hf_files import (
 from transformer.convert.mapping import Pretrained, check_complete, export_tensors, import_tensors
 from transformer.model import abstract_model
 
-__all__ = ["is_hf_dir", "load_hf", "export_hf", "decoder_family", "FAMILIES"]
+__all__ = ["is_hf_dir", "open_hf", "load_hf", "export_hf", "decoder_family", "FAMILIES"]
 
 FAMILIES = {t: llama for t in llama.MODEL_TYPES} | {t: gpt2 for t in gpt2.MODEL_TYPES}
 SUPPORTED = (*FAMILIES, *bert.POSITION_OFFSET)
@@ -37,10 +37,14 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return nnx.to_pure_dict(params)
 
 
+def decoder_config(family, hf: dict, what: str) -> ModelConfig:
+    cfg = dataclasses.replace(family.model_config(hf), matmul_dtype="float32")  # the checkpoint's own precision
+    return _validated(cfg, what)
+
+
 def import_decoder(family, hf: dict, tensors: dict, what: str) -> tuple[ModelConfig, dict]:
     """(config, params) of a decoder from its config dict and tensors (in Hugging Face names)."""
-    cfg = dataclasses.replace(family.model_config(hf), matmul_dtype="float32")  # the checkpoint's own precision
-    cfg = _validated(cfg, what)
+    cfg = decoder_config(family, hf, what)
     shapes = param_shapes(cfg)
     table = family.import_table(cfg, tensors, what)
     params = import_tensors(table, tensors, shapes, ignored=family.ignored, what=what)
@@ -58,24 +62,32 @@ def _validated(cfg: ModelConfig, what: str) -> ModelConfig:
     return cfg
 
 
-def load_hf(path: str) -> Pretrained:
-    """A Hugging Face directory as (config, params, tokenizer): any model type in SUPPORTED."""
+def open_hf(path: str) -> Pretrained:
+    """A Hugging Face directory as (config, tokenizer, params read when first asked for): any model type in
+    SUPPORTED."""
     path = os.fspath(path)
     hf = read_hf_config(path)
     kind = hf.get("model_type")
     if kind in bert.POSITION_OFFSET:
         cfg, state, tok = bert.load_hf_encoder(path)
-        return Pretrained(cfg, nnx.to_pure_dict(state), tok, f"hf:{kind}")
+        params = nnx.to_pure_dict(state)
+        return Pretrained(cfg, tok, f"hf:{kind}", lambda: params)
     if kind not in FAMILIES:
         raise ConfigError(f"unsupported Hugging Face model_type {kind!r} in {path}: supported are "
                           f"{', '.join(SUPPORTED)}")
-    FAMILIES[kind].model_config(hf)  # the architecture is checked before the weights are read
-    generation = read_generation_config(path)
-    tok = read_tokenizer(path, generation)
-    cfg, params = import_decoder(FAMILIES[kind], hf, read_tensors(path), f"{path} ({kind})")
+    what = f"{path} ({kind})"
+    cfg = decoder_config(FAMILIES[kind], hf, what)  # the architecture is checked before the weights are read
+    tok = read_tokenizer(path, read_generation_config(path))
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
-    return Pretrained(cfg, params, tok, f"hf:{kind}")
+    return Pretrained(cfg, tok, f"hf:{kind}", lambda: import_decoder(FAMILIES[kind], hf, read_tensors(path), what)[1])
+
+
+def load_hf(path: str) -> Pretrained:
+    """`open_hf` with the weights read now."""
+    pre = open_hf(path)
+    pre.params  # noqa: B018
+    return pre
 
 
 def decoder_family(cfg: ModelConfig) -> tuple[object, str]:

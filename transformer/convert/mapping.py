@@ -12,7 +12,11 @@ backwards, so a round trip reproduces the tensors bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal
 
 import numpy as np
@@ -57,23 +61,28 @@ def import_tensors(table: list[Entry], tensors: dict[str, np.ndarray], target_sh
     the model (anything with .shape at the leaves). Tensors `ignored` says yes to (buffers such as rotary inv_freq
     or a causal-mask constant) may be present; any other tensor the table does not use is an error, as is a
     missing or misshapen one."""
-    out: dict = {}
     used = set()
-    for e in table:
-        parts = []
+    for e in table:  # every tensor checked first, so an error names the first bad one in table order
         for name, shape in zip(e.names, e.shapes):
             if name not in tensors:
                 raise ConfigError(f"{what}: tensor {name!r} is missing (the config implies it)")
-            t = tensors[name]
-            if tuple(t.shape) != shape:
-                raise ConfigError(f"{what}: tensor {name!r} has shape {tuple(t.shape)}, the config implies {shape}")
+            if tuple(tensors[name].shape) != shape:
+                raise ConfigError(f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the config "
+                                  f"implies {shape}")
             used.add(name)
-            parts.append(np.asarray(t, np.float32))
+
+    def laid_out(e: Entry) -> np.ndarray:
         target = tuple(_get(target_shapes, e.ours).shape)
-        part_shape = _part_shape(target, len(parts), e.axis)
+        part_shape = _part_shape(target, len(e.names), e.axis)
+        parts = [np.asarray(tensors[name], np.float32) for name in e.names]
         parts = [(p.T if e.kind == "linear" else p).reshape(part_shape) for p in parts]
         value = parts[0] if len(parts) == 1 else np.stack(parts, axis=e.axis)
-        _set(out, e.ours, np.ascontiguousarray(value, np.float32))
+        return np.ascontiguousarray(value, np.float32)
+
+    out: dict = {}
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # strided copies; numpy releases the GIL for them
+        for e, value in zip(table, pool.map(laid_out, table)):
+            _set(out, e.ours, value)
     left = sorted(n for n in tensors if n not in used and not ignored(n))
     if left:
         raise ConfigError(f"{what}: {len(left)} tensor(s) the config does not account for, e.g. {left[0]!r} "
@@ -96,12 +105,35 @@ def export_tensors(table: list[Entry], params) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass
 class Pretrained:
-    """What an importer yields: the model config, its params (a nested dict of float32 numpy arrays shaped like
-    `nnx.split(build_model(cfg), nnx.Param)`), the tokenizer, and the format it came from."""
+    """What an importer yields: the model config, the tokenizer, the format it came from, and the params (a nested
+    dict of float32 numpy arrays shaped like `nnx.split(build_model(cfg), nnx.Param)`). Reading and laying out the
+    weights is the slow part: `read_params` does it when `params` is first asked for, so a caller can compile for the
+    config while they load."""
     cfg: object  # ModelConfig
-    params: dict
     tokenizer: object  # HFTokenizer
     source: str  # e.g. "hf:llama", "gguf:llama"
+    read_params: Callable[[], dict]
+
+    @functools.cached_property
+    def params(self) -> dict:
+        with _small_pages():
+            return self.read_params()
+
+
+@contextlib.contextmanager
+def _small_pages():
+    """numpy asks the kernel for transparent huge pages for every large array. Where the kernel compacts memory to
+    find them on request (transparent_hugepage/defrag = madvise, a common default), the first fresh arrays of an
+    import stall in compaction: SmolLM2's weights took 1.3-1.6 s to lay out that way and 0.3 s on small pages."""
+    set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)  # numpy's own switch (private)
+    if set_hugepage is None:
+        yield
+        return
+    before = set_hugepage(False)
+    try:
+        yield
+    finally:
+        set_hugepage(before)
 
 
 def check_complete(params: dict, target) -> None:

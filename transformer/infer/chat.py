@@ -77,7 +77,7 @@ def reply(run, messages: list[dict], sampler, *, max_new_tokens: int, key, on_te
     """The assistant's next turn: the conversation rendered by the chat template, then tokens until one of the
     tokens that end a turn (the tokenizer's eos and the generation config's), `max_new_tokens`, or the context.
     `on_text` receives the reply as it streams, never half a character."""
-    from transformer.infer.sampling import generate
+    from transformer.infer.sampling import generate, precompile
 
     tok = run.tokenizer
     ids = tok.encode(render_chat(tok, messages), add_special_tokens=False).tolist()
@@ -88,10 +88,12 @@ def reply(run, messages: list[dict], sampler, *, max_new_tokens: int, key, on_te
         if on_text is not None:
             on_text(stream.push([i for i in rows[0] if i not in tok.stop_ids]))
 
-    out = generate(run.graphdef, run.params, [ids], max_new_tokens=max_new_tokens, max_len=run.cfg.model.max_len,
-                   sampler=sampler, key=key, eos_id=tok.eos_id, pad_id=tok.pad_id or 0,
-                   stop_sequences=[[i] for i in stops], chunk=4 if on_text else None,
-                   on_tokens=on_tokens if on_text else None)
+    kw = dict(max_new_tokens=max_new_tokens, max_len=run.cfg.model.max_len, sampler=sampler, key=key,
+              eos_id=tok.eos_id, pad_id=tok.pad_id or 0, stop_sequences=[[i] for i in stops])
+    if on_text is not None:  # compiled from the shapes: the weights may still be loading (load_run(background=True))
+        precompile(run.graphdef, run.abstract_params, [ids], **kw)
+    out = generate(run.graphdef, run.params, [ids], chunk=4 if on_text else None,
+                   on_tokens=on_tokens if on_text else None, **kw)
     tokens = [i for i in out.tokens[0] if i not in tok.stop_ids]
     if on_text is not None:
         on_text(stream.flush())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 from flax import nnx
@@ -11,7 +12,7 @@ from flax import nnx
 from transformer import sharding
 from transformer.checkpoint import CKPT_DIR, Checkpointer, abstract_like, laid_over
 from transformer.config import Config, ConfigError, MeshConfig, first_line
-from transformer.convert import is_pretrained, load_pretrained
+from transformer.convert import is_pretrained, open_pretrained
 from transformer.data.tokenizer import Tokenizer, tokenizer_from_json
 from transformer.model import abstract_model, cast_params
 from transformer.model.layers import DTYPES
@@ -24,9 +25,23 @@ class LoadedRun:
     cfg: Config
     tokenizer: Tokenizer
     graphdef: nnx.GraphDef
-    params: nnx.State
+    _params: nnx.State | Future  # a Future while a pretrained model's weights still load (load_run(background=True))
     step: int
     labels: list[str] | None = None  # a classifier's label names (label id i is labels[i])
+    _abstract: object = dataclasses.field(default=None, repr=False)  # abstract_params while the weights load
+
+    @property
+    def params(self) -> nnx.State:
+        if isinstance(self._params, Future):
+            self._params = self._params.result()
+        return self._params
+
+    @property
+    def abstract_params(self):
+        """The params as ShapeDtypeStructs with their shardings: enough to compile for, even while they load."""
+        if self._abstract is not None:
+            return self._abstract
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._params)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Prompt token ids; text that encodes to nothing becomes BOS (or a newline for a char tokenizer)."""
@@ -36,12 +51,14 @@ class LoadedRun:
         return [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else self.tokenizer.encode("\n").tolist()
 
 
-def load_run(run_dir: str, step: int | None = None, mesh=None) -> LoadedRun:
+def load_run(run_dir: str, step: int | None = None, mesh=None, background: bool = False) -> LoadedRun:
     """Restore the params of `step` (default: the latest) onto `mesh` (default: all local devices, data-parallel).
-    A pretrained model (a Hugging Face directory, a .gguf file) is imported instead."""
+    A pretrained model (a Hugging Face directory, a .gguf file) is imported instead; with `background`, its weights
+    are read on a thread and `params` waits for them (a damaged weight is a ConfigError there), so that a caller can
+    compile while they load."""
     if not os.path.isdir(os.path.join(run_dir, CKPT_DIR)):
         if is_pretrained(run_dir):
-            return _load_pretrained(run_dir, step, mesh)
+            return _load_pretrained(run_dir, step, mesh, background)
         if not os.path.exists(run_dir):
             raise ConfigError(f"{run_dir} not found: give a run directory, a Hugging Face model directory or a "
                               ".gguf file")
@@ -100,15 +117,24 @@ def _over_base(adapters: nnx.State, base: str, abstract_params: nnx.State, mesh,
                      nnx.to_pure_dict(adapters))
 
 
-def _load_pretrained(path: str, step: int | None, mesh) -> LoadedRun:
+def _load_pretrained(path: str, step: int | None, mesh, background: bool) -> LoadedRun:
     """An imported model as a LoadedRun at step 0, its params laid out on `mesh` like a checkpoint's."""
     if step is not None:
         raise ConfigError(f"{path} is a pretrained model, not a run directory: it has no checkpoint steps (drop "
                           "--step)")
-    pre = load_pretrained(path)
+    pre = open_pretrained(path)
     cfg = Config(model=pre.cfg, preset=pre.source).validate()
     mesh = mesh or sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
     graphdef, params = nnx.split(abstract_model(pre.cfg), nnx.Param)
-    nnx.replace_by_pure_dict(params, pre.params)
-    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
-    return LoadedRun(cfg, pre.tokenizer, graphdef, params, 0)
+    shardings = sharding.tree_shardings(params, mesh)
+    abstract = abstract_like(params, shardings)
+
+    def place() -> nnx.State:
+        nnx.replace_by_pure_dict(params, pre.params)
+        return jax.device_put(params, shardings)
+
+    return LoadedRun(cfg, pre.tokenizer, graphdef, _LOADER.submit(place) if background else place(), 0,
+                     _abstract=abstract)
+
+
+_LOADER = ThreadPoolExecutor(1, thread_name_prefix="load-weights")

@@ -184,11 +184,23 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
             last_BV, cache = _prefill(graphdef, params, tokens_BP, valid_BP, phases[0])
         tokens_BL = jnp.full((B, P + N), pad_id, jnp.int32).at[:, :P].set(tokens_BP)
         valid_BL = jnp.zeros((B, P + N), bool).at[:, :P].set(valid_BP)
-        return {"tokens": tokens_BL, "valid": valid_BL, "cache": cache, "logits": last_BV.astype(jnp.float32),
-                "lengths": valid_BP.sum(1).astype(jnp.int32), "done": jnp.zeros((B,), bool),
-                "step": jnp.zeros((), jnp.int32), "keys": keys_B, "stops": stops_KM,
-                "tail": jnp.full((B, stops_KM.shape[1]), NOT_GENERATED, jnp.int32),
-                "logprobs": jnp.zeros((B, N), jnp.float32)}
+        s = {"tokens": tokens_BL, "valid": valid_BL, "cache": cache, "logits": last_BV.astype(jnp.float32),
+             "lengths": valid_BP.sum(1).astype(jnp.int32), "done": jnp.zeros((B,), bool),
+             "step": jnp.zeros((), jnp.int32), "keys": keys_B, "stops": stops_KM,
+             "tail": jnp.full((B, stops_KM.shape[1]), NOT_GENERATED, jnp.int32),
+             "logprobs": jnp.zeros((B, N), jnp.float32)}
+        # The first new token needs only the prompt's forward pass: a stream shows it before the decode loop is
+        # compiled. The loop's first step draws the same token again (same logits, same key).
+        return dict(s, first=choose(s))
+
+    def choose(s):
+        """The next token of each row (pad for finished rows), drawn with the row's key folded with the step."""
+        t = s["step"]
+        keys_B = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), t))(s["keys"])
+        seen_BV = None
+        if sampler.repetition_penalty != 1.0:
+            seen_BV = seen_tokens(s["tokens"], s["valid"], s["logits"].shape[-1])
+        return jnp.where(s["done"], pad_id, sampler(s["logits"], keys_B, seen_BV))
 
     def stop_hit(tail_BM, stops_KM):
         """Do the last M generated tokens of each row (`tail_BM`, NOT_GENERATED before the first ones) end with one
@@ -202,12 +214,7 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
     def step(params, s):
         t = s["step"]
         slot = P + t
-        keys_B = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), t))(s["keys"])
-        seen_BV = None
-        if sampler.repetition_penalty != 1.0:
-            seen_BV = seen_tokens(s["tokens"], s["valid"], s["logits"].shape[-1])
-        token_B = sampler(s["logits"], keys_B, seen_BV)
-        token_B = jnp.where(s["done"], pad_id, token_B)
+        token_B = choose(s)
         tokens_BL = s["tokens"].at[:, slot].set(token_B)
         valid_BL = s["valid"].at[:, slot].set(~s["done"])
         out = dict(s, tokens=tokens_BL, valid=valid_BL, step=t + 1)
@@ -270,17 +277,18 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
     return jax.jit(init), jax.jit(run), jax.jit(grow, static_argnums=1), phases, jax.jit(init_and_run)
 
 
-def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, max_len: int,
-             sampler: Sampler = Sampler(), key=None, keys=None, eos_id: int | None = None, pad_id: int = 0,
-             stop_sequences: Sequence[Sequence[int]] = (), window: bool = True, logprobs: bool = False,
-             chunk: int | None = None, on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
-    """Generate up to `max_new_tokens` after each prompt.
+def precompile(graphdef, abstract_params, prompts: Sequence[Sequence[int]], **kw) -> None:
+    """Compile the programs that `generate(graphdef, params, prompts, chunk=..., **kw)` (streaming) starts with, from
+    the params' shapes and shardings alone (e.g. `LoadedRun.abstract_params`): a caller compiles while the weights
+    are still loading, and the first token then waits for whichever of the two ends last."""
+    init, run, _, _, _, args, _ = _programs(graphdef, abstract_params, prompts, **kw)
+    _first_programs(init, run, args)
 
-    `key` seeds sampling, row b drawing from `fold_in(key, b)` (or give one key per row in `keys`): each row has its
-    own random stream, so identical prompts in one batch give different samples, and row b's tokens do not depend on
-    the other rows. With `chunk`, the decode loop returns to Python every `chunk` tokens and `on_tokens` gets
-    the new tokens of every row (streaming); without it, prefill and decoding are one compiled call.
-    """
+
+def _programs(graphdef, params, prompts, *, max_new_tokens: int, max_len: int, sampler: Sampler = Sampler(),
+              key=None, keys=None, eos_id: int | None = None, pad_id: int = 0,
+              stop_sequences: Sequence[Sequence[int]] = (), window: bool = True, logprobs: bool = False):
+    """generate's compiled programs for these arguments and the arguments they take; P is the padded prompt length."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -314,49 +322,86 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_toke
         mesh=mesh)
     rows = (lambda a: jax.device_put(a, sharding.rows_sharding(mesh, a.shape))) if mesh else jnp.asarray
     args = (params, rows(tokens), rows(valid), rows(keys_B), jnp.asarray(stops))
+    return init, run, grow, phases, init_and_run, args, P
+
+
+def generate(graphdef, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, max_len: int,
+             sampler: Sampler = Sampler(), key=None, keys=None, eos_id: int | None = None, pad_id: int = 0,
+             stop_sequences: Sequence[Sequence[int]] = (), window: bool = True, logprobs: bool = False,
+             chunk: int | None = None, on_tokens: Callable[[list[list[int]]], None] | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt.
+
+    `key` seeds sampling, row b drawing from `fold_in(key, b)` (or give one key per row in `keys`): each row has its
+    own random stream, so identical prompts in one batch give different samples, and row b's tokens do not depend on
+    the other rows. With `chunk`, the decode loop returns to Python every `chunk` tokens and `on_tokens` gets
+    the new tokens of every row (streaming), the first token alone as soon as the prompt is read; without it,
+    prefill and decoding are one compiled call.
+    """
+    init, run, grow, phases, init_and_run, args, P = _programs(
+        graphdef, params, prompts, max_new_tokens=max_new_tokens, max_len=max_len, sampler=sampler, key=key, keys=keys,
+        eos_id=eos_id, pad_id=pad_id, stop_sequences=stop_sequences, window=window, logprobs=logprobs)
     if chunk is None:
         state = init_and_run(*args)
     else:
-        init_now, run_first = _compile_together(init, run, args)
+        init_now, run_first = _first_programs(init, run, args)
         state = init_now(*args)
-        shown = 0
+        shown = 0  # tokens of each row given to on_tokens
+        if on_tokens is not None:  # the first token, as soon as the prompt is read
+            on_tokens(np.asarray(state["first"])[:, None].tolist())
+            shown = 1
+        run_first.start()  # the decode loop compiles while the first token is shown
+        step = 0
         while True:
             S = state["cache"][0]["v"].shape[2]
-            if P + shown >= S and S < phases[-1]:  # this phase's cache is full: move to the next size
+            if P + step >= S and S < phases[-1]:  # this phase's cache is full: move to the next size
                 S = next(p for p in phases if p > S)
                 state = grow(state, S)
-            # the first token alone, so that it shows as soon as the prompt is read; then `chunk` at a time
-            until = min(shown + (chunk if shown else 1), max_new_tokens)
-            state = (run_first if S == phases[0] else run)(params, state, until)
+            state = (run_first.result() if S == phases[0] else run)(params, state, min(step + chunk, max_new_tokens))
             step = int(state["step"])
             if on_tokens is not None and step > shown:
                 new = np.asarray(state["tokens"][:, P + shown:P + step])
                 real = np.asarray(state["valid"][:, P + shown:P + step])  # drops the pads of finished rows
                 on_tokens([row[keep].tolist() for row, keep in zip(new, real)])
-            shown = step
+                shown = step
             if step >= max_new_tokens or bool(jnp.all(state["done"])):
                 break
     return _collect(state, P, logprobs)
 
 
-def _compile_together(init, run, args):
-    """Prefill and the first phase's decode loop, compiled at once on two threads (XLA compiles without holding the
-    GIL; SmolLM2 on 2 cores: 1.8 s and 3.6 s one after the other), so a streamed reply's first token waits for the
-    longer compile, not their sum. Later phases compile through `run` as usual. Kept per argument signature, as jit
-    keeps its own programs."""
+def _first_programs(init, run, args):
+    """The prefill compiled now, and the first phase's decode loop to compile on a background thread once started
+    (XLA compiles without holding the GIL). A stream starts it after the first token: that token waits for the
+    prefill alone (SmolLM2 on 2 cores, no compilation cache: 1.4 s, against 3.5 s for the loop), and the two
+    compilations do not share the cores with the weights loading or the prompt's forward pass. Later phases compile
+    through `run` as usual. Kept per argument signature, as jit keeps its own programs."""
     leaves, treedef = jax.tree.flatten(args)
     key = (init, run, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
     if key not in _FIRST_PROGRAMS:
         traced = init.trace(*args)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            init_compiled = pool.submit(lambda: traced.lower().compile())
-            run_compiled = run.trace(args[0], traced.out_info, 0).lower().compile()
-            if len(_FIRST_PROGRAMS) >= 64:
-                _FIRST_PROGRAMS.pop(next(iter(_FIRST_PROGRAMS)))
-            _FIRST_PROGRAMS[key] = init_compiled.result(), run_compiled
+        init_compiled = traced.lower().compile()
+        if len(_FIRST_PROGRAMS) >= 64:
+            _FIRST_PROGRAMS.pop(next(iter(_FIRST_PROGRAMS)))
+        _FIRST_PROGRAMS[key] = init_compiled, _Later(lambda: run.trace(args[0], traced.out_info, 0).lower().compile())
     return _FIRST_PROGRAMS[key]
 
 
+class _Later:
+    """A computation run once on the background thread: `start()` submits it, `result()` starts it if need be and
+    waits."""
+
+    def __init__(self, fn):
+        self.fn, self.future = fn, None
+
+    def start(self) -> _Later:
+        if self.future is None:
+            self.future = _COMPILER.submit(self.fn)
+        return self
+
+    def result(self):
+        return self.start().future.result()
+
+
+_COMPILER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-decode-loop")
 _FIRST_PROGRAMS: dict = {}
 
 
