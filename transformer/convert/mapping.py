@@ -124,7 +124,7 @@ class Pretrained:
 def _small_pages():
     """numpy asks the kernel for transparent huge pages for every large array. Where the kernel compacts memory to
     find them on request (transparent_hugepage/defrag = madvise, a common default), the first fresh arrays of an
-    import stall in compaction: SmolLM2's weights took 1.3-1.6 s to lay out that way and 0.3 s on small pages."""
+    import stall in compaction: SmolLM2's weights took 1.1-2.2 s to lay out that way and 0.2-0.3 s on small pages."""
     set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)  # numpy's own switch (private)
     if set_hugepage is None:
         yield
