@@ -208,6 +208,20 @@ def test_streaming_chunks_give_the_same_tokens_the_first_one_alone(max_new, max_
     assert sum(c[0] for c in calls) == len(whole[0])
 
 
+def test_streaming_keeps_no_params_alive():
+    """The compiled-program cache of a stream holds programs, not the arguments they were compiled for."""
+    import gc
+    import weakref
+
+    model, graphdef, state = split()
+    leaf = weakref.ref(jax.tree.leaves(state)[0])
+    generate(graphdef, state, [[1, 2]], max_new_tokens=3, max_len=CFG.max_len, sampler=Sampler(0.0), chunk=2,
+             on_tokens=lambda rows: None)
+    del model, state
+    gc.collect()
+    assert leaf() is None
+
+
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
 def test_sliding_window_beyond_the_context_matches_the_windows_full_forward(positions):
     model, graphdef, state = split(positions=positions)

@@ -387,14 +387,15 @@ def _first_programs(init, run, args):
 
 class _Later:
     """A computation run once on the background thread: `start()` submits it, `result()` starts it if need be and
-    waits."""
+    waits. Once submitted, the computation is let go of: what it closes over (the arguments, params included) is not
+    kept alive by the cache of compiled programs."""
 
     def __init__(self, fn):
         self.fn, self.future = fn, None
 
     def start(self) -> _Later:
         if self.future is None:
-            self.future = _COMPILER.submit(self.fn)
+            self.future, self.fn = _COMPILER.submit(self.fn), None
         return self
 
     def result(self):
