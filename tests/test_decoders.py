@@ -374,7 +374,8 @@ def test_gguf_rope_freqs_become_llama3_scaling(tmp_path, ref):
                                [8.0, 1.0, 16.0], rtol=1e-5)
     _, want = import_decoder(llama, llama.hf_config(scaled), hf, "reference")
     x = jnp.asarray(ref["llama/input_ids"])
-    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(scaled, None, "", lambda: want))(x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model_of(pre)(x), model_of(type(pre)(scaled, None, "", lambda: want))(x), rtol=0,
+                               atol=1e-5)
     plain = model_of(type(pre)(cfg, None, "", lambda: want))(x)
     assert np.abs(np.asarray(model_of(pre)(x)) - np.asarray(plain)).max() > 1e-3  # the scaling matters here
 

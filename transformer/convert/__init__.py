@@ -20,10 +20,4 @@ def open_pretrained(path: str) -> Pretrained:
     return open_gguf(path) if is_gguf(path) else open_hf(path)
 
 
-def load_pretrained(path: str) -> Pretrained:
-    pre = open_pretrained(path)
-    pre.params  # noqa: B018 (read now: a damaged weight is an error here)
-    return pre
-
-
-__all__ = ["Pretrained", "is_pretrained", "load_pretrained", "open_pretrained"]
+__all__ = ["Pretrained", "is_pretrained", "open_pretrained"]
