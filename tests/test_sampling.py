@@ -289,3 +289,18 @@ def test_greedy_with_repetition_penalty_equals_the_penalised_argmax_loop():
         logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
         seq.append(int(np.argmax(logits)))
     assert out == seq[len(prompt):] and out != plain
+
+
+def test_the_decode_loop_compiles_its_dots_with_eigen_on_a_cpu():
+    """The decode loop's dots of a few rows go to Eigen, not the default YNNPACK fusion (slower there: see
+    `decode_loop_options`); the same loop compiled with the defaults does use YNNPACK, so the options take effect."""
+    from transformer.infer import sampling
+
+    _, graphdef, state = split(d_model=96, n_heads=3)
+    init, run, _, _, _, args, _ = sampling._programs(graphdef, state, [[1, 2, 3]] * 16, max_new_tokens=4,
+                                                     max_len=CFG.max_len, sampler=Sampler(0.0))
+    s = init(*args)
+    ours = run.trace(state, s, 4).lower().compile().as_text()
+    default = jax.jit(run.__wrapped__).trace(state, s, 4).lower().compile().as_text()
+    assert "ynn" in default
+    assert "ynn" not in ours
