@@ -274,16 +274,17 @@ def _compiled(graphdef, sampler: Sampler, *, max_len: int, prompt_len: int, max_
 
     if mesh is not None:  # sharded params: keep rows over data and heads over tensor through the loop
         init, run, grow, init_and_run = (sharding.activation_mesh(mesh)(f) for f in (init, run, grow, init_and_run))
-    loop = dict(compiler_options=decode_loop_options())
-    return (jax.jit(init), jax.jit(run, **loop), jax.jit(grow, static_argnums=1), phases,
-            jax.jit(init_and_run, **loop))
+    options = decode_loop_options()
+    return (jax.jit(init), jax.jit(run, compiler_options=options), jax.jit(grow, static_argnums=1), phases,
+            jax.jit(init_and_run, compiler_options=options))
 
 
 def decode_loop_options() -> dict | None:
     """XLA options of the programs that run the decode loop. On a CPU its dots have a row per sequence, and XLA:CPU's
     default library for dots of a few rows (YNNPACK fusions) runs them slower than Eigen: SmolLM2's decode-shaped
     MLP matmuls at batch 16 took 45.4 ms a step against 32.8 ms with Eigen (`benchmarks/cpu_matmul_libraries.py`;
-    batch 1 uses Eigen either way). The prefill program keeps the default."""
+    batch 1 uses Eigen either way). A stream's prefill program (`init`, which the first token waits for) keeps the
+    default; the one-program `init_and_run` of a non-streamed generate prefills under these options too."""
     if jax.default_backend() != "cpu":
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
