@@ -304,3 +304,20 @@ def test_the_decode_loop_compiles_its_dots_with_eigen_on_a_cpu():
     default = jax.jit(run.__wrapped__).trace(state, s, 4).lower().compile().as_text()
     assert "ynn" in default
     assert "ynn" not in ours
+
+
+
+@pytest.mark.parametrize("prompt_len", [8, 40])  # a prefill into the cache; a prompt past max_len (the window)
+def test_the_prompt_is_unembedded_at_its_last_position_only(prompt_len):
+    """A prompt's forward pass needs the next-token logits of its last position alone: the compiled first program
+    holds no (batch, prompt, vocab) logits, only (batch, vocab) ones (for SmolLM2 at batch 16, unembedding every
+    position of a 128-token prompt was a fifth of the prefill's work)."""
+    from transformer.infer import sampling
+
+    _, graphdef, state = split()
+    B, V = 2, CFG.vocab_size
+    init, _, _, _, _, args, P = sampling._programs(graphdef, state, [list(range(1, prompt_len + 1))] * B,
+                                                   max_new_tokens=4, max_len=CFG.max_len, sampler=Sampler(0.0))
+    hlo = init.lower(*args).as_text()
+    assert f"{B}x{P}x{V}xf32" not in hlo and f"{B}x{CFG.max_len}x{V}xf32" not in hlo
+    assert f"{B}x{V}xf32" in hlo

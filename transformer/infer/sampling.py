@@ -148,9 +148,10 @@ def _prefill(graphdef, params, tokens_BP, valid_BP, cache_len: int):
     valid_BS = jnp.zeros((B, cache_len), bool).at[:, :P].set(valid_BP)
     # Slots, not positions: a row's real tokens sit in consecutive slots, so slot distances are position distances.
     mask = causal_mask(jnp.arange(P)[None], slots_S[None], model.cfg.sliding_window) & padding_mask(valid_BS)
-    logits_BPV, cache = model(tokens_BP, positions_BT=_positions(valid_BP), mask_B1TS=mask, cache=cache,
-                              cache_index=0)
-    return logits_BPV[:, -1], cache
+    last_B1 = jnp.full((B, 1), P - 1, jnp.int32)  # the unembedding runs on the last position only
+    logits_B1V, cache = model(tokens_BP, positions_BT=_positions(valid_BP), mask_B1TS=mask, cache=cache,
+                              cache_index=0, logits_at_BN=last_B1)
+    return logits_B1V[:, 0], cache
 
 
 def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
@@ -161,7 +162,8 @@ def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
     valid_BT = jax.lax.dynamic_slice_in_dim(valid_BL, start, max_len, axis=1)
     pos_BT = _positions(valid_BT)
     mask = causal_mask(pos_BT, pos_BT, model.cfg.sliding_window) & padding_mask(valid_BT)
-    return model(win_BT, positions_BT=pos_BT, mask_B1TS=mask)[:, -1]
+    last_B1 = jnp.full((win_BT.shape[0], 1), max_len - 1, jnp.int32)
+    return model(win_BT, positions_BT=pos_BT, mask_B1TS=mask, logits_at_BN=last_B1)[:, 0]
 
 
 @functools.lru_cache(maxsize=64)

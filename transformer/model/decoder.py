@@ -33,9 +33,9 @@ class DecoderLM(nnx.Module):
         config has one). Rows packed with several sequences pass `segments_BT` (each token's sequence id, 0 for
         padding) and `positions_BT` restarting at 0 in each sequence: tokens then attend within their own sequence
         only. `logits_at_BN` (indices along T, per row) returns logits (B N V) at those positions only, the others
-        never computed (fine-tuning learns a few positions of each row). For decoding pass `cache` (from
-        `init_cache`), the slot `cache_index` where these T tokens go, their `positions_BT`, and `mask_B1TS` over the
-        cache slots; it then returns (logits, new_cache).
+        never computed (fine-tuning learns a few positions of each row; a prefill needs only the last). For decoding
+        pass `cache` (from `init_cache`), the slot `cache_index` where these T tokens go, their `positions_BT`, and
+        `mask_B1TS` over the cache slots; it then returns (logits, new_cache).
         With `internals` it returns (logits, {"attention": per layer B N T T, "residual": the residual stream
         B T D entering each layer and leaving the last}) for looking inside (infer/internals.py).
         """
@@ -59,12 +59,10 @@ class DecoderLM(nnx.Module):
                 x_BTD, layer_cache = block(x_BTD, mask_B1TS=mask_B1TS, positions_BT=positions_BT, cache=cache[i],
                                            cache_index=cache_index)
                 new_cache.append(layer_cache)
-            return self.unembed(x_BTD), new_cache
+            return self.unembed(_at(x_BTD, logits_at_BN)), new_cache
         x_BTD, seen = apply_blocks(self.blocks, x_BTD, keys, cfg=self.cfg, internals=internals, mask_B1TS=mask_B1TS,
                                    positions_BT=positions_BT)
-        if logits_at_BN is not None:
-            x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[:, :, None], axis=1)  # B N D
-        logits_BTV = self.unembed(x_BTD)
+        logits_BTV = self.unembed(_at(x_BTD, logits_at_BN))
         return (logits_BTV, seen) if internals else logits_BTV
 
     def unembed(self, x_BTD):
@@ -76,6 +74,11 @@ class DecoderLM(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> list[dict]:
         return init_kv_cache(batch, length, self.cfg, self.cfg.n_layers)
+
+
+def _at(x_BTD, positions_BN):
+    """The rows of x at the given positions (B N D), or all of x when positions_BN is None."""
+    return x_BTD if positions_BN is None else jnp.take_along_axis(x_BTD, positions_BN[:, :, None], axis=1)
 
 
 def count_params(model: nnx.Module) -> int:
