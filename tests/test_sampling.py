@@ -306,7 +306,6 @@ def test_the_decode_loop_compiles_its_dots_with_eigen_on_a_cpu():
     assert "ynn" not in ours
 
 
-
 @pytest.mark.parametrize("prompt_len", [8, 40])  # a prefill into the cache; a prompt past max_len (the window)
 def test_the_prompt_is_unembedded_at_its_last_position_only(prompt_len):
     """A prompt's forward pass needs the next-token logits of its last position alone: the compiled first program

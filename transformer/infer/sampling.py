@@ -140,6 +140,12 @@ def _positions(valid_BS):
     return jnp.maximum(jnp.cumsum(valid_BS, axis=1) - 1, 0).astype(jnp.int32)
 
 
+def _last_position(tokens_BT):
+    """(B, 1) indices of each row's last slot: a prompt's forward pass unembeds there only (every row ends there)."""
+    B, T = tokens_BT.shape
+    return jnp.full((B, 1), T - 1, jnp.int32)
+
+
 def _prefill(graphdef, params, tokens_BP, valid_BP, cache_len: int):
     model = nnx.merge(graphdef, params)
     B, P = tokens_BP.shape
@@ -148,9 +154,8 @@ def _prefill(graphdef, params, tokens_BP, valid_BP, cache_len: int):
     valid_BS = jnp.zeros((B, cache_len), bool).at[:, :P].set(valid_BP)
     # Slots, not positions: a row's real tokens sit in consecutive slots, so slot distances are position distances.
     mask = causal_mask(jnp.arange(P)[None], slots_S[None], model.cfg.sliding_window) & padding_mask(valid_BS)
-    last_B1 = jnp.full((B, 1), P - 1, jnp.int32)  # the unembedding runs on the last position only
     logits_B1V, cache = model(tokens_BP, positions_BT=_positions(valid_BP), mask_B1TS=mask, cache=cache,
-                              cache_index=0, logits_at_BN=last_B1)
+                              cache_index=0, logits_at_BN=_last_position(tokens_BP))
     return logits_B1V[:, 0], cache
 
 
@@ -162,8 +167,7 @@ def _window_logits(graphdef, params, tokens_BL, valid_BL, end, max_len: int):
     valid_BT = jax.lax.dynamic_slice_in_dim(valid_BL, start, max_len, axis=1)
     pos_BT = _positions(valid_BT)
     mask = causal_mask(pos_BT, pos_BT, model.cfg.sliding_window) & padding_mask(valid_BT)
-    last_B1 = jnp.full((win_BT.shape[0], 1), max_len - 1, jnp.int32)
-    return model(win_BT, positions_BT=pos_BT, mask_B1TS=mask, logits_at_BN=last_B1)[:, 0]
+    return model(win_BT, positions_BT=pos_BT, mask_B1TS=mask, logits_at_BN=_last_position(win_BT))[:, 0]
 
 
 @functools.lru_cache(maxsize=64)
